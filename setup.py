@@ -1,0 +1,37 @@
+"""fusion: transfer learning from a hub of pre-trained models (JAX/Flax)."""
+import setuptools
+
+# Ranges that install together on Python 3.11 (here) and 3.12 (Colab).
+# `make` pins the exact versions of constraints.txt on top of these.
+INSTALL_REQUIRES = [
+    "jax>=0.7,<0.11",  # CPU; GPU/TPU users add their plugin (jax[cuda12], jax[tpu]).
+    "flax>=0.11,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "tensorflow-cpu>=2.18,<2.22",  # only fusion/data/ imports it (tf.data, TFDS).
+    "tensorflow-datasets>=4.9.8,<5",
+    "transformers>=4.57,<5",  # version 5 removed every Flax model.
+    "huggingface-hub>=0.34,<1.0",
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "scipy>=1.13",
+    "scikit-learn>=1.5",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "hypothesis>=6.100"],
+    "bench": ["psutil>=5.9"],
+}
+
+setuptools.setup(
+    name="fusion",
+    version="0.1.0",
+    description="Choose, fine-tune, ensemble, fuse and route models from a hub; VTAB-1k.",
+    packages=setuptools.find_packages(include=["fusion", "fusion.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
