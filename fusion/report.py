@@ -1,0 +1,157 @@
+"""results.json, results.md tables and plots under a job's workdir.
+
+Every method reports through the same rows: one dict per (task, method, model
+or combination) with `task`, `category`, `method`, `model` (or `members`),
+`test_accuracy` (a fraction), `test_nll`, `test_ece`, `inference_gflops`,
+plus method-specific fields.
+"""
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+REQUIRED_FIELDS = ("task", "category", "method", "test_accuracy", "test_nll",
+                   "test_ece", "inference_gflops")
+CATEGORY_ORDER = ("natural", "specialized", "structured")
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file, so no half file remains."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def column_name(row: Mapping[str, Any]) -> str:
+  if "model" in row:
+    return str(row["model"])
+  if "members" in row:
+    return "+".join(row["members"])
+  raise ValueError(f"Result row has neither 'model' nor 'members': {dict(row)}")
+
+
+def check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+  for row in rows:
+    missing = [k for k in REQUIRED_FIELDS if k not in row]
+    if missing:
+      raise ValueError(f"Result row {dict(row)} lacks fields {missing}.")
+    column_name(row)
+
+
+def _json_default(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  raise TypeError(f"Not JSON serialisable: {type(value)}")
+
+
+def _sort_tasks(tasks: Mapping[str, str]) -> list[str]:
+  """Task names ordered by category (VTAB order), then by first appearance."""
+  rank = {c: i for i, c in enumerate(CATEGORY_ORDER)}
+  order = list(tasks)
+  return sorted(order, key=lambda t: (rank.get(tasks[t], len(rank)), order.index(t)))
+
+
+def accuracy_table(rows: Sequence[Mapping[str, Any]], method: str | None = None,
+                   value: str = "test_accuracy") -> str:
+  """Markdown table, tasks x models, in percent, with category means.
+
+  The best column per task is bold. Means are over the tasks of a category;
+  'mean' is over all tasks (each task counts once).
+  """
+  rows = [r for r in rows if method is None or r["method"] == method]
+  if not rows:
+    return "(no results)\n"
+  categories = {r["task"]: r["category"] for r in rows}
+  tasks = _sort_tasks(categories)
+  columns = list(dict.fromkeys(column_name(r) for r in rows))
+  cell = {(r["task"], column_name(r)): float(r[value]) for r in rows}
+
+  def fmt(v: float | None, bold: bool = False) -> str:
+    if v is None or math.isnan(v):
+      return "–"
+    text = f"{100 * v:.1f}"
+    return f"**{text}**" if bold else text
+
+  lines = ["| task | category | " + " | ".join(columns) + " |",
+           "|---|---|" + "---:|" * len(columns)]
+  for t in tasks:
+    values = [cell.get((t, c)) for c in columns]
+    best = max(v for v in values if v is not None)
+    lines.append(f"| {t} | {categories[t]} | " +
+                 " | ".join(fmt(v, v == best) for v in values) + " |")
+  groups = [(c, [t for t in tasks if categories[t] == c])
+            for c in dict.fromkeys(categories[t] for t in tasks)]
+  if len(groups) > 1 or len(tasks) > 1:
+    groups.append(("mean", tasks))
+  for name, members in groups:
+    means = []
+    for c in columns:
+      vals = [cell[(t, c)] for t in members if (t, c) in cell]
+      means.append(float(np.mean(vals)) if len(vals) == len(members) else None)
+    label = f"*{name} mean*" if name != "mean" else "**mean**"
+    lines.append(f"| {label} | | " + " | ".join(fmt(v) for v in means) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
+                  sections: Sequence[tuple[str, str]] = (),
+                  extra: Mapping[str, Any] | None = None) -> str:
+  """Writes results.json (`rows` + `extra`) and results.md; returns the markdown.
+
+  `sections` are (heading, markdown) pairs appended after the per-method tables.
+  """
+  check_rows(rows)
+  payload = {"rows": list(rows), **(extra or {})}
+  write_atomic(os.path.join(workdir, "results.json"),
+               json.dumps(payload, indent=1, default=_json_default))
+  parts = ["# Results\n", "Test top-1 accuracy (%); best per task in bold.\n"]
+  for method in dict.fromkeys(r["method"] for r in rows):
+    parts.append(f"\n## {method}\n\n" + accuracy_table(rows, method))
+  for heading, body in sections:
+    parts.append(f"\n## {heading}\n\n{body}")
+  markdown = "".join(parts)
+  write_atomic(os.path.join(workdir, "results.md"), markdown)
+  return markdown
+
+
+def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | None = None,
+                 value: str = "test_accuracy", title: str = "") -> None:
+  """A tasks x models heatmap of `value` (percent), saved as PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [r for r in rows if method is None or r["method"] == method]
+  tasks = _sort_tasks({r["task"]: r["category"] for r in rows})
+  columns = list(dict.fromkeys(column_name(r) for r in rows))
+  grid = np.full((len(tasks), len(columns)), np.nan)
+  for r in rows:
+    grid[tasks.index(r["task"]), columns.index(column_name(r))] = 100 * float(r[value])
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(tasks)))
+  im = ax.imshow(grid, cmap="viridis", aspect="auto")
+  ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+  ax.set_yticks(range(len(tasks)), tasks)
+  for (i, j), v in np.ndenumerate(grid):
+    if not np.isnan(v):
+      ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+              color="white" if v < np.nanmean(grid) else "black")
+  fig.colorbar(im, ax=ax, label=f"{value} (%)")
+  ax.set_title(title or (method or value))
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
