@@ -1,0 +1,441 @@
+"""Every transferability estimator against an independent float64 numpy/scipy
+reference written here from the papers' formulas and the authors' code.
+
+The estimators run inside jax.enable_x64(True) for the 1e-5 comparisons; one
+test per estimator also runs the default float32 path with a looser tolerance.
+"""
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
+from sklearn.metrics.pairwise import cosine_similarity, euclidean_distances, laplacian_kernel
+from sklearn.preprocessing import StandardScaler
+
+from fusion import selection
+from fusion.selection import common, estimators, knn, logme, rsa
+
+N, D, C = 120, 16, 3
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def make_task(seed=0, n=N, d=D, c=C, separation=1.0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, c, n)
+  labels[:c] = np.arange(c)  # every class present
+  centres = rng.normal(size=(c, d)) * separation
+  features = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d) + centres[labels] + 0.3
+  return features, labels
+
+
+def source_probs(labels, seed=1, z=7):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(len(labels), z)) + 1.5 * np.eye(labels.max() + 1, z)[labels]
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  return p / p.sum(1, keepdims=True)
+
+
+def one_hot(labels):
+  return np.eye(labels.max() + 1)[labels]
+
+
+def upper(m):
+  return m[np.triu_indices(len(m), 1)]
+
+
+def label_rdm(labels):
+  # 1 - corr(one-hot) is two-valued; round away float noise so that ties stay ties.
+  return np.round(1 - np.corrcoef(one_hot(labels)), 10)
+
+
+# ------------------------------------------------------------------ references
+
+
+def ref_knn(x, y, k, metric):
+  correct = 0
+  for i in range(len(x)):
+    if metric == "cosine":
+      dist = [1 - x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j]) for j in range(len(x))]
+    else:
+      dist = [np.sum((x[i] - x[j]) ** 2) for j in range(len(x))]
+    order = [j for j in np.argsort(dist, kind="stable") if j != i][:k]
+    ranks = {}
+    for rank, j in enumerate(order):
+      ranks.setdefault(y[j], []).append(rank)
+    # most votes; among tied classes, the one with the nearest member
+    best = max(ranks, key=lambda c: (len(ranks[c]), -min(ranks[c])))
+    correct += best == y[i]
+  return correct / len(x)
+
+
+def ref_logme(f, y):
+  n, d = f.shape
+  gram = f.T @ f
+  evidences = []
+  for c in np.unique(y):
+    t = (y == c).astype(float)
+    alpha, beta = 1.0, 1.0
+    for _ in range(11):
+      lam = alpha / beta
+      inverse = np.linalg.inv(gram + lam * np.eye(d))
+      m = inverse @ f.T @ t
+      gamma = np.trace(gram @ inverse)
+      m2, res2 = m @ m, np.sum((t - f @ m) ** 2)
+      alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+      if abs(alpha / beta - lam) / lam <= 1e-3:
+        break
+    _, logdet = np.linalg.slogdet(alpha * np.eye(d) + beta * gram)
+    evidences.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2
+                      - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n)
+  return np.mean(evidences)
+
+
+def ref_rsa(x, labels, reference=None, zscore=False):
+  prep = (lambda a: StandardScaler().fit_transform(a)) if zscore else (lambda a: a)
+  ref = label_rdm(labels) if reference is None else 1 - np.corrcoef(prep(reference))
+  return scipy.stats.spearmanr(upper(1 - np.corrcoef(prep(x))), upper(ref)).statistic
+
+
+def ref_hsic_unbiased(k, l):
+  """Song et al. (2012), eq. 5."""
+  n = len(k)
+  k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+  ones = np.ones(n)
+  return (np.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+          - 2 / (n - 2) * ones @ k @ l @ ones) / (n * (n - 3))
+
+
+def ref_cka(k, l, debiased=True):
+  if debiased:
+    return ref_hsic_unbiased(k, l) / np.sqrt(ref_hsic_unbiased(k, k) * ref_hsic_unbiased(l, l))
+  h = np.eye(len(k)) - 1 / len(k)
+  return np.trace(k @ h @ l @ h) / np.sqrt(np.trace(k @ h @ k @ h) * np.trace(l @ h @ l @ h))
+
+
+def ref_dds_matrix(x, normalisation, function):
+  if normalisation == "centering":
+    x = x - x.mean(0)
+  elif normalisation == "zscore":
+    x = StandardScaler().fit_transform(x)
+  if function == "linear":
+    return x @ x.T
+  if function == "rbf":
+    sq = euclidean_distances(x, squared=True)
+    return np.exp(-sq / (2 * 0.5 ** 2 * np.median(sq)))
+  if function == "laplacian":
+    return laplacian_kernel(x)
+  if function == "pearson":
+    return 1 - np.corrcoef(x)
+  if function == "euclidean":
+    return euclidean_distances(x)
+  return 1 - cosine_similarity(x)
+
+
+def ref_leep(probs, y):
+  n = len(y)
+  joint = np.zeros((y.max() + 1, probs.shape[1]))
+  for i in range(n):
+    joint[y[i]] += probs[i] / n
+  conditional = joint / joint.sum(0)
+  return np.mean([np.log(probs[i] @ conditional[y[i]]) for i in range(n)])
+
+
+def ref_nce(z, y):
+  n = len(y)
+  joint = {}
+  for zi, yi in zip(z, y):
+    joint[(yi, zi)] = joint.get((yi, zi), 0) + 1 / n
+  marginal = {}
+  for (_, zi), p in joint.items():
+    marginal[zi] = marginal.get(zi, 0) + p
+  return sum(p * np.log(p / marginal[zi]) for (_, zi), p in joint.items())
+
+
+def ref_gmm_posteriors(z, start_indices, max_iter=100, tol=1e-3, reg=1e-6):
+  n, d = z.shape
+  k = len(start_indices)
+  start = z[start_indices]
+  nearest = np.argmin(((z[:, None] - start[None]) ** 2).sum(-1), axis=1)
+  resp = np.eye(k)[nearest]
+
+  def m_step(resp):
+    counts = resp.sum(0) + 10 * np.finfo(float).eps
+    means = resp.T @ z / counts[:, None]
+    covs = np.stack([(resp[:, j, None] * (z - means[j])).T @ (z - means[j]) / counts[j]
+                     + reg * np.eye(d) for j in range(k)])
+    return counts / counts.sum(), means, covs
+
+  def log_joint(params):
+    weights, means, covs = params
+    return np.stack([np.log(weights[j]) + scipy.stats.multivariate_normal.logpdf(z, means[j], covs[j])
+                     for j in range(k)], axis=1)
+
+  params = m_step(resp)
+  bound = -np.inf
+  for _ in range(max_iter):
+    logp = log_joint(params)
+    norm = scipy.special.logsumexp(logp, axis=1)
+    params = m_step(np.exp(logp - norm[:, None]))
+    change, bound = norm.mean() - bound, norm.mean()
+    if abs(change) < tol:
+      break
+  logp = log_joint(params)
+  return np.exp(logp - scipy.special.logsumexp(logp, axis=1, keepdims=True))
+
+
+def ref_nleep(x, y, dims, components_per_class, key=0):
+  z = PCA(n_components=dims, svd_solver="full").fit_transform(x)
+  k = components_per_class * (y.max() + 1)
+  start = np.asarray(jax.random.permutation(jax.random.key(key), len(x)))[:k]
+  return ref_leep(ref_gmm_posteriors(z, start), y)
+
+
+def ref_hscore(f, y):
+  covf = np.cov(f, rowvar=False)
+  g = np.zeros_like(f)
+  for c in np.unique(y):
+    g[y == c] = f[y == c].mean(0)
+  return np.trace(np.linalg.pinv(covf, rcond=1e-15) @ np.cov(g, rowvar=False))
+
+
+def ref_shrinkage_hscore(f, y):
+  f = f - f.mean(0)
+  lw = LedoitWolf(assume_centered=False).fit(f)
+  g = np.zeros_like(f)
+  for c in np.unique(y):
+    g[y == c] = f[y == c].mean(0)
+  covg = np.cov(g, rowvar=False, bias=True)
+  return np.trace(np.linalg.pinv(lw.covariance_, rcond=1e-15) @ ((1 - lw.shrinkage_) * covg))
+
+
+def ref_transrate(f, y, eps=1e-4):
+  def rate(z):
+    n, d = z.shape
+    return 0.5 * np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps))[1]
+  f = f - f.mean(0)
+  return rate(f) - np.mean([rate(f[y == c]) for c in np.unique(y)])
+
+
+def ref_gbc(f, y, gaussian_type):
+  stats = {}
+  for c in np.unique(y):
+    stats[c] = (f[y == c].mean(0), np.maximum(f[y == c].var(0), 1e-4))
+  total = 0.0
+  for c1 in stats:
+    for c2 in stats:
+      if c1 == c2:
+        continue
+      (m1, v1), (m2, v2) = stats[c1], stats[c2]
+      if gaussian_type == "spherical":
+        v1, v2 = v1.mean(), v2.mean()
+      avg = (v1 + v2) / 2
+      distance = (np.sum((m1 - m2) ** 2 / avg) / 8
+                  + 0.5 * np.sum(np.log(avg) - 0.5 * np.log(v1) - 0.5 * np.log(v2)))
+      total += np.exp(-distance)
+  return -total
+
+
+def ref_sfda(x, y):
+  """TencentARC/SFDA's algorithm, with its generalized eigenproblem."""
+  classes = np.unique(y)
+  priors = np.array([np.mean(y == c) for c in classes])
+
+  def shrunk(cov, s):
+    return (1 - s) * cov + s * np.trace(cov) / len(cov) * np.eye(len(cov))
+
+  def fit_predict(x, s):
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    sw = sum(p * np.cov(x[y == c].T, bias=True) for p, c in zip(priors, classes))
+    if s is None:
+      v = sw.sum(1)
+      for _ in range(3):
+        u = sw @ v / np.linalg.norm(sw @ v)
+        v = sw @ u / np.linalg.norm(sw @ u)
+      s = max(np.exp(-5 * v @ sw @ u), 1e-10)
+    sb = shrunk(np.cov(x.T, bias=True), s) - shrunk(sw, s)
+    _, vecs = scipy.linalg.eigh(sb, shrunk(sw, s))
+    coef = means @ vecs @ vecs.T
+    scores = x @ coef.T - 0.5 * np.diag(means @ coef.T) + np.log(priors)
+    return scipy.special.softmax(scores, axis=1), s
+
+  probs, s = fit_predict(x, None)
+  probs = scipy.special.softmax(probs, axis=1)
+  means = np.stack([x[y == c].mean(0) for c in classes])
+  others = np.stack([(means.sum(0) - means[i]) / (len(classes) - 1) for i in range(len(classes))])
+  mixed = x.copy()
+  for i in range(len(x)):
+    p = probs[i, y[i]]
+    mixed[i] = p * x[i] + (1 - p) * others[y[i]]
+  probs, _ = fit_predict(mixed, s)
+  return np.mean(probs[np.arange(len(y)), y])
+
+
+def ref_parc(x, y, dims):
+  if dims < x.shape[1]:
+    x = PCA(n_components=dims, svd_solver="full").fit_transform(x)
+  x = StandardScaler().fit_transform(x)
+  return scipy.stats.spearmanr(upper(1 - np.corrcoef(x)), upper(label_rdm(y))).statistic
+
+
+# ------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("k,metric", [(1, "cosine"), (4, "cosine"), (5, "l2")])
+def test_knn_matches_reference(k, metric):
+  x, y = make_task(0)
+  got = knn.knn_loo_accuracy(x, y, k=k, metric=metric)
+  assert got == pytest.approx(ref_knn(x, y, k, metric), abs=1e-12)
+  assert 0.34 < got < 1  # class structure is found, but not perfectly
+
+
+@pytest.mark.parametrize("solver", ["svd", "eigh"])
+@pytest.mark.parametrize("n,d", [(N, D), (40, 64)])  # N >= D and N < D paths
+def test_logme_matches_reference(n, d, solver):
+  x, y = make_task(1, n=n, d=d)
+  np.testing.assert_allclose(logme.logme(x, y, solver=solver), ref_logme(x, y), rtol=RTOL)
+
+
+def test_logme_float32_is_accurate_on_ill_conditioned_features():
+  # Gram condition number ~1e6: the SVD path keeps float32 LogME close to float64.
+  x, y = make_task(15, n=200, d=24, separation=3.0)
+  x = x * np.geomspace(1, 300, 24)
+  with jax.enable_x64(False):
+    got = logme.logme(x, y)
+  np.testing.assert_allclose(got, ref_logme(x, y), rtol=2e-5)
+
+
+def test_rsa_matches_reference():
+  x, y = make_task(2)
+  reference, _ = make_task(3, d=6)
+  np.testing.assert_allclose(rsa.rsa(x, y), ref_rsa(x, y), rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference),
+                             ref_rsa(x, y, reference), rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference, zscore=True),
+                             ref_rsa(x, y, reference, zscore=True), rtol=RTOL)
+
+
+@pytest.mark.parametrize("normalisation,function", [
+    ("zscore", "laplacian"), ("zscore", "linear"), ("zscore", "rbf"), ("zscore", "pearson"),
+    ("zscore", "euclidean"), ("zscore", "cosine"), ("none", "laplacian"), ("centering", "rbf")])
+def test_dds_matches_reference(normalisation, function):
+  x, y = make_task(4)
+  reference, _ = make_task(5, d=6)
+  want = ref_cka(ref_dds_matrix(x, normalisation, function),
+                 ref_dds_matrix(reference, normalisation, function))
+  got = rsa.dds(x, y, reference_features=reference, normalisation=normalisation,
+                function=function)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+def test_dds_and_cka_against_labels_match_reference():
+  x, y = make_task(6)
+  np.testing.assert_allclose(
+      rsa.dds(x, y), ref_cka(ref_dds_matrix(x, "zscore", "laplacian"),
+                             ref_dds_matrix(one_hot(y), "zscore", "laplacian")), rtol=RTOL)
+  np.testing.assert_allclose(rsa.cka(x, y), ref_cka(x @ x.T, one_hot(y) @ one_hot(y).T),
+                             rtol=RTOL)
+  np.testing.assert_allclose(rsa.cka(x, y, debiased=False),
+                             ref_cka(x @ x.T, one_hot(y) @ one_hot(y).T, debiased=False),
+                             rtol=RTOL)
+
+
+def test_leep_and_nce_match_reference():
+  x, y = make_task(7)
+  probs = source_probs(y)
+  np.testing.assert_allclose(estimators.leep(x, y, source_probs=probs), ref_leep(probs, y),
+                             rtol=RTOL)
+  z = probs.argmax(1)
+  np.testing.assert_allclose(estimators.nce(x, y, source_labels=z), ref_nce(z, y), rtol=RTOL)
+  np.testing.assert_allclose(estimators.nce(x, y, source_probs=probs), ref_nce(z, y), rtol=RTOL)
+
+
+# Shared by every N-LEEP test so that they compile one GMM.
+NLEEP_OPTIONS = {"pca_dim": 8, "components_per_class": 2}
+
+
+def test_nleep_matches_reference():
+  x, y = make_task(8, separation=2.0)
+  got = estimators.nleep(x, y, **NLEEP_OPTIONS)
+  np.testing.assert_allclose(got, ref_nleep(x, y, 8, 2), rtol=RTOL)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95])
+def test_pca_variance_rule_matches_sklearn(fraction):
+  x, _ = make_task(16)
+  want = PCA(n_components=fraction, svd_solver="full").fit(x).n_components_
+  assert common.num_dims_for_variance(x, fraction) == want
+
+
+def test_hscores_match_reference():
+  x, y = make_task(9)
+  np.testing.assert_allclose(estimators.hscore(x, y), ref_hscore(x, y), rtol=RTOL)
+  np.testing.assert_allclose(estimators.shrinkage_hscore(x, y), ref_shrinkage_hscore(x, y),
+                             rtol=RTOL)
+
+
+def test_transrate_matches_reference():
+  x, y = make_task(10)
+  np.testing.assert_allclose(estimators.transrate(x, y), ref_transrate(x, y), rtol=RTOL)
+  np.testing.assert_allclose(estimators.transrate(x, y, eps=0.5), ref_transrate(x, y, 0.5),
+                             rtol=RTOL)
+
+
+@pytest.mark.parametrize("gaussian_type", ["spherical", "diagonal"])
+def test_gbc_matches_reference(gaussian_type):
+  x, y = make_task(11, c=4)
+  x[y == 3, 0] = 1.0  # a constant dimension within a class hits the 1e-4 variance floor
+  np.testing.assert_allclose(estimators.gbc(x, y, gaussian_type=gaussian_type),
+                             ref_gbc(x, y, gaussian_type), rtol=RTOL)
+
+
+def test_sfda_matches_reference():
+  x, y = make_task(12, separation=0.5)
+  np.testing.assert_allclose(estimators.sfda(x, y), ref_sfda(x, y), rtol=RTOL)
+
+
+@pytest.mark.parametrize("dims", [32, 8])  # 32 > D: no PCA; 8: PCA first
+def test_parc_matches_reference(dims):
+  x, y = make_task(13)
+  np.testing.assert_allclose(estimators.parc(x, y, pca_dim=dims), ref_parc(x, y, min(dims, D)),
+                             rtol=RTOL)
+
+
+# The default float32 path agrees with the float64 reference to float32-ish accuracy.
+FLOAT32_CASES = {
+    "knn": (lambda x, y, o: ref_knn(x, y, 1, "cosine"), 0.0, 1.0 / N),
+    "logme": (lambda x, y, o: ref_logme(x, y), 1e-4, 0),
+    "rsa": (lambda x, y, o: ref_rsa(x, y), 1e-4, 0),
+    "dds": (lambda x, y, o: ref_cka(ref_dds_matrix(x, "zscore", "laplacian"),
+                                    ref_dds_matrix(one_hot(y), "zscore", "laplacian")), 1e-4, 0),
+    "cka": (lambda x, y, o: ref_cka(x @ x.T, one_hot(y) @ one_hot(y).T), 1e-4, 0),
+    "leep": (lambda x, y, o: ref_leep(o["source_probs"], y), 1e-5, 0),
+    "nleep": (lambda x, y, o: ref_nleep(x, y, 8, 2), 1e-3, 0),
+    "nce": (lambda x, y, o: ref_nce(o["source_probs"].argmax(1), y), 1e-5, 0),
+    "hscore": (lambda x, y, o: ref_hscore(x, y), 1e-4, 0),
+    "shrinkage_hscore": (lambda x, y, o: ref_shrinkage_hscore(x, y), 1e-4, 0),
+    "transrate": (lambda x, y, o: ref_transrate(x, y), 1e-4, 0),
+    "gbc": (lambda x, y, o: ref_gbc(x, y, "spherical"), 1e-4, 0),
+    "sfda": (lambda x, y, o: ref_sfda(x, y), 1e-4, 0),
+    "parc": (lambda x, y, o: ref_parc(x, y, D), 1e-4, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(selection.ESTIMATORS))
+def test_float32_default_close_to_reference(name):
+  assert set(FLOAT32_CASES) == set(selection.ESTIMATORS)
+  x, y = make_task(14)
+  options = {"source_probs": source_probs(y)} if name in ("leep", "nce") else {}
+  options = NLEEP_OPTIONS if name == "nleep" else options
+  reference, rtol, atol = FLOAT32_CASES[name]
+  want = reference(x, y, options)
+  with jax.enable_x64(False):
+    got = selection.ESTIMATORS[name](x, y, **options)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
