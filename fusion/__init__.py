@@ -7,3 +7,8 @@ os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
+
+
+def fusion_home() -> str:
+  """Root of everything fusion caches: datasets, features, the offline hub."""
+  return os.path.expanduser(os.environ.get("FUSION_HOME", "~/.cache/fusion"))

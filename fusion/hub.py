@@ -490,8 +490,15 @@ def _load_module(directory: str, arch: _Arch, from_pt: bool) -> tuple[nn.Module,
     model = model_class(config, _do_init=False, **arch.model_kwargs)
     params = _params_from_pt(model, directory)
   else:
-    model, params = model_class.from_pretrained(directory, config=config, _do_init=False,
-                                                **arch.model_kwargs)
+    # Unused checkpoint weights (e.g. a pooler we do not use) are expected and
+    # logged below at info level; keep transformers' warning about them quiet.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+      model, params = model_class.from_pretrained(directory, config=config, _do_init=False,
+                                                  **arch.model_kwargs)
+    finally:
+      transformers.logging.set_verbosity(verbosity)
   params = unfreeze(params)
   missing = model.required_params - set(flatten_dict(params))
   if missing:

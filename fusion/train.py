@@ -440,7 +440,8 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
           eval_every: int | None = None, log_every: int = 50,
           metrics_file: str = "metrics.jsonl", run_name: str | None = None,
           checkpoint: bool = True, checkpoint_dir: str | None = None,
-          checkpoint_every: int = 1000, max_to_keep: int | None = 2) -> TrainState:
+          checkpoint_every: int = 1000, max_to_keep: int | None = 2,
+          progress: bool = True) -> TrainState:
   """Trains `params` for `num_steps` updates; resumes from the latest checkpoint.
 
   Args:
@@ -468,6 +469,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
     checkpoint: whether to checkpoint (needs workdir or checkpoint_dir).
     checkpoint_dir: default `default_checkpoint_dir(workdir, run_name)`.
     checkpoint_every: save interval in steps; the last step is always saved.
+    progress: show a progress bar (callers running many short fits show their own).
     max_to_keep: checkpoints kept (None: all).
 
   Returns:
@@ -533,7 +535,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
                  num_steps=num_steps, mask=mask, state_shardings=state_shardings,
                  manager=manager, checkpoint_every=checkpoint_every, workdir=workdir,
                  metrics_file=metrics_file, run_name=run_name, log_every=log_every,
-                 eval_fn=eval_fn, eval_every=eval_every)
+                 eval_fn=eval_fn, eval_every=eval_every, progress=progress)
   finally:
     if manager is not None:
       manager.wait_until_finished()  # Good checkpoints finish even on errors.
@@ -542,7 +544,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
 
 def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
           state_shardings, manager, checkpoint_every, workdir, metrics_file,
-          run_name, log_every, eval_fn, eval_every) -> TrainState:
+          run_name, log_every, eval_fn, eval_every, progress) -> TrainState:
   start = int(state.step)
   if start == num_steps:
     return state
@@ -554,7 +556,8 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
     metrics_path = os.path.join(workdir or "", metrics_file)
     os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
   tag = {"run": run_name} if run_name else {}
-  bar_kwargs = {} if main_process else {"disable": True}  # Else TQDM_DISABLE decides.
+  # Else TQDM_DISABLE decides.
+  bar_kwargs = {} if main_process and progress else {"disable": True}
   bar = tqdm_auto.tqdm(total=num_steps, initial=start, desc=run_name or "train",
                        unit="step", **bar_kwargs)
   t0 = time.time()

@@ -1,0 +1,205 @@
+"""Jitted, sharded feature extraction with an on-disk cache.
+
+A cache entry is `<fingerprint>.npz` (features, labels) plus `<fingerprint>.json`
+(what produced it and the sha256 of the npz). The json is written last, so an
+interrupted write never looks complete; an entry whose json, checksum or shapes
+do not match is rebuilt, not trusted.
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+import fusion
+from fusion import hub
+from fusion import sharding
+
+# Bump when the extraction itself changes meaning (pooling, dtype, ...).
+FEATURES_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSet:
+  features: np.ndarray  # [N, D] float32
+  labels: np.ndarray  # [N] int32
+  fingerprint: str
+
+
+def default_cache_dir() -> str:
+  return os.path.join(fusion.fusion_home(), "features")
+
+
+@functools.lru_cache(maxsize=16)
+def _features_fn(backbone: hub.Backbone, mesh: jax.sharding.Mesh):
+  return jax.jit(backbone.features,
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh))
+
+
+def _run(backbone: hub.Backbone, batches: Iterable[Mapping[str, Any]],
+         mesh: jax.sharding.Mesh, total: int | None, desc: str) -> dict[str, np.ndarray]:
+  """Features (and any other batch entries) of the unmasked examples."""
+  fn = _features_fn(backbone, mesh)
+  params = sharding.replicate(backbone.params, mesh)
+  chunks: dict[str, list[np.ndarray]] = {}
+  pending = None
+
+  def collect(out, batch):
+    keep = np.asarray(batch["mask"], bool)
+    chunks.setdefault("features", []).append(np.asarray(out, np.float32)[keep])
+    for key, value in batch.items():
+      if key not in ("image", "mask"):
+        chunks.setdefault(key, []).append(np.asarray(value)[keep])
+
+  for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch",
+                         leave=False, disable=None if total else True):
+    images = batch["image"]
+    if not isinstance(images, jax.Array):
+      images = jax.device_put(images, sharding.batch_sharded(mesh))
+    out = fn(params, images)  # Dispatched asynchronously: overlap with the next batch.
+    if pending is not None:
+      collect(*pending)
+    pending = (out, batch)
+  if pending is not None:
+    collect(*pending)
+  if not chunks:
+    raise ValueError(f"No examples to extract features from ({desc}).")
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _numpy_batches(images: np.ndarray, batch_size: int):
+  n = len(images)
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    mask = np.ones(batch_size, bool)
+    mask[len(chunk):] = False
+    if len(chunk) < batch_size:  # Pad the last batch; the mask drops it again.
+      pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+      chunk = np.concatenate([chunk, pad])
+    yield {"image": chunk, "mask": mask}
+
+
+def extract_array(backbone: hub.Backbone, images: np.ndarray, *,
+                  mesh: jax.sharding.Mesh | None = None,
+                  batch_size: int = 64) -> np.ndarray:
+  """Features [N, D] of preprocessed NHWC float32 images (no cache)."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4:
+    raise ValueError(f"Expected images [N, H, W, C]; got shape {images.shape}.")
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_divisible(batch_size, mesh)
+  total = -(-len(images) // batch_size)
+  out = _run(backbone, _numpy_batches(images, batch_size), mesh, total,
+             desc=f"features {backbone.name}")
+  return out["features"]
+
+
+def fingerprint(backbone: hub.Backbone, task, split: str) -> tuple[str, dict[str, Any]]:
+  """A key for (backbone name + weights, task, split, preprocessing)."""
+  pre = backbone.preprocess
+  inputs = {
+      "version": FEATURES_VERSION,
+      "backbone": backbone.name,
+      "params": hub.params_fingerprint(backbone),
+      "task": task.fingerprint,
+      "split": split,
+      "split_spec": task.splits[split],
+      "preprocess": dataclasses.asdict(pre) if pre is not None else None,
+  }
+  digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+  return digest[:32], inputs
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _load_cached(directory: str, key: str) -> FeatureSet | None:
+  """The cached entry, or None if it is missing, incomplete or corrupt."""
+  meta_path = os.path.join(directory, key + ".json")
+  data_path = os.path.join(directory, key + ".npz")
+  if not os.path.exists(meta_path):
+    return None
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta["fingerprint"] != key or meta["sha256"] != _sha256_file(data_path):
+      raise ValueError("fingerprint or checksum mismatch")
+    with np.load(data_path, allow_pickle=False) as data:
+      features, labels = data["features"], data["labels"]
+    if features.shape != (meta["num_examples"], meta["feature_dim"]) or \
+        labels.shape != (meta["num_examples"],) or not np.isfinite(features).all():
+      raise ValueError("shape or content mismatch")
+  except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    logging.warning("Rebuilding corrupt or stale feature cache entry %s: %s", key, e)
+    return None
+  return FeatureSet(features, labels, key)
+
+
+def _atomic_write(directory: str, name: str, write) -> None:
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.replace(tmp, os.path.join(directory, name))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _save_cached(directory: str, key: str, inputs: dict, fs: FeatureSet) -> None:
+  os.makedirs(directory, exist_ok=True)
+  _atomic_write(directory, key + ".npz",
+                lambda f: np.savez(f, features=fs.features, labels=fs.labels))
+  meta = {
+      "fingerprint": key,
+      "inputs": inputs,
+      "num_examples": int(fs.features.shape[0]),
+      "feature_dim": int(fs.features.shape[1]),
+      "sha256": _sha256_file(os.path.join(directory, key + ".npz")),
+  }
+  _atomic_write(directory, key + ".json",
+                lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def extract(backbone: hub.Backbone, task, split: str, *,
+            mesh: jax.sharding.Mesh | None = None, batch_size: int = 64,
+            cache_dir: str | None = None, data_dir: str | None = None) -> FeatureSet:
+  """Features and labels of `task`'s `split`, from the cache when valid."""
+  from fusion.data import pipeline  # Only here: features run without TF otherwise.
+
+  if backbone.kind != "vision":
+    raise ValueError(f"Backbone {backbone.name!r} is a {backbone.kind} model; "
+                     "image features need a vision backbone.")
+  if split not in task.splits:
+    raise ValueError(f"Unknown split {split!r} for task {task.name!r}; valid: "
+                     f"{sorted(task.splits)}.")
+  directory = cache_dir or default_cache_dir()
+  key, inputs = fingerprint(backbone, task, split)
+  cached = _load_cached(directory, key)
+  if cached is not None:
+    return cached
+  mesh = mesh or sharding.make_mesh()
+  pre = backbone.preprocess
+  batches = pipeline.iterate_batches(
+      task, split, resolution=pre.resolution, mean=pre.mean, std=pre.std,
+      batch_size=batch_size, data_dir=data_dir, mesh=mesh)
+  total = -(-pipeline.num_examples(task, split, data_dir=data_dir) // batch_size)
+  out = _run(backbone, batches, mesh, total, desc=f"{backbone.name}/{task.name}/{split}")
+  result = FeatureSet(out["features"], out["label"].astype(np.int32), key)
+  _save_cached(directory, key, inputs, result)
+  return result
