@@ -1,0 +1,90 @@
+"""The entry point: the linear-probe job end to end, and bad configs or names
+stop with an error that names them."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from fusion import config_lib
+from fusion import main
+
+import tiny_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, env=None):
+  return subprocess.run([sys.executable, "-m", "fusion.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def _probe_config(hub_specs, **overrides):
+  values = dict(job="linear_probe", seed=0, tasks=("digits",), hub=hub_specs,
+                batch_size=64, num_devices=0, cache_dir="",
+                probe=config_lib.probe_config(learning_rates=(1e-2, 1e-1), steps=100))
+  return ml_collections.ConfigDict({**values, **overrides})
+
+
+def test_linear_probe_job_writes_every_output(tmp_path, monkeypatch):
+  monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home"))
+  specs = [{"name": arch, "path": tiny_models.save_tiny(arch, tmp_path / arch)}
+           for arch in ("vit", "resnet")]
+  workdir = str(tmp_path / "work")
+  markdown = main.run(_probe_config(specs), workdir)
+
+  for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
+               "plots/linear_probe.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["job"] == "linear_probe"
+  with open(os.path.join(workdir, "results.json")) as f:
+    rows = json.load(f)["rows"]
+  assert [(r["task"], r["model"]) for r in rows] == [("digits", "vit"), ("digits", "resnet")]
+  for row in rows:
+    assert row["method"] == "linear_probe" and row["category"] == "natural"
+    assert 0.1 < row["test_accuracy"] <= 1  # Ten classes; a probe beats chance.
+    assert row["test_nll"] > 0 and 0 <= row["test_ece"] <= 1
+    assert row["inference_gflops"] > 0 and row["learning_rate"] in (1e-2, 1e-1)
+    assert set(row["sweep"]) == {"0.01", "0.1"}
+  assert "| digits | natural |" in markdown
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    runs = {json.loads(line)["run"] for line in f}
+  assert "linear_probe/digits/vit/final" in runs
+
+
+def test_unknown_job_and_task_are_named(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown job 'bogus'.*linear_probe"):
+    main.run(_probe_config([], job="bogus"), str(tmp_path / "a"))
+  assert not os.path.exists(tmp_path / "a")  # Nothing written for a job that cannot run.
+  with pytest.raises(ValueError, match="nope"):
+    main.run(_probe_config([], tasks=("nope",)), str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "b" / "results.json")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/vtab1k.py", "--config.nope=1"], "unknown config key.*nope"),
+    (["--config", "configs/vtab1k.py", "--config.probe.stepz=3"], "stepz"),
+    (["--config", "configs/vtab1k.py", "--config.seed=abc"], "config.seed=abc"),
+    (["--config", "configs/vtab1k.py", "--config.job=bogus"], "Unknown job 'bogus'"),
+    (["--config", "configs/vtab1k.py:models=bogus"], r"Unknown models \['bogus'\]"),
+    (["--config", "configs/vtab1k.py:nope=1"], "Unknown config argument 'nope'"),
+])
+def test_cli_rejects_bad_config(args, message, tmp_path):
+  result = _cli(*args, "--workdir", str(tmp_path / "w"))
+  assert result.returncode != 0
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_cli_names_the_offline_alternative_for_a_hub_id(tmp_path):
+  result = _cli("--config", "configs/vtab1k.py:models=dinov2_s,tasks=cifar100",
+                "--workdir", str(tmp_path / "w"),
+                env={"HF_HUB_OFFLINE": "1", "FUSION_HOME": str(tmp_path / "home"),
+                     "HF_HOME": str(tmp_path / "hf")})
+  assert result.returncode != 0
+  assert "facebook/dinov2-small" in result.stderr and "configs/demo.py" in result.stderr
