@@ -4,8 +4,11 @@ import setuptools
 # Ranges that install together on Python 3.11 (here) and 3.12 (Colab).
 # `make` pins the exact versions of constraints.txt on top of these.
 INSTALL_REQUIRES = [
-    "jax>=0.7,<0.11",  # CPU; GPU/TPU users add their plugin (jax[cuda12], jax[tpu]).
-    "flax>=0.11,<0.13",
+    # CPU; GPU/TPU users add their plugin (jax[cuda12], jax[tpu]). Not 0.10.0-0.10.2:
+    # their x86-64 CPU compiler aborts or miscompiles some programs (jax-ml/jax
+    # #39103, #39264); our CI aborted in a jitted train step under 0.10.2.
+    "jax>=0.7,!=0.10.0,!=0.10.1,!=0.10.2,<0.11",
+    "flax>=0.11,<0.13",  # flax 0.12.7 and later need jax>=0.10.
     "optax>=0.2.5,<0.3",
     "orbax-checkpoint>=0.11,<0.13",
     "ml-collections>=1.0,<2",
