@@ -1,5 +1,6 @@
 """tf.data pipeline on the real (offline) digits data: shapes, normalisation
-against numpy, padding + mask, sharding onto an 8-device mesh, errors."""
+against numpy, padding + mask, sharding onto an 8-device mesh, errors; a
+rendered offline task end to end from $FUSION_HOME."""
 import dataclasses
 
 import jax
@@ -9,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from fusion import sharding
 from fusion.data import pipeline
+from fusion.data import render
 from fusion.data import synthetic
 from fusion.data import tasks
 
@@ -205,7 +207,8 @@ def test_unavailable_dataset_says_what_to_do(tmp_path, monkeypatch):
   with pytest.raises(pipeline.DatasetUnavailableError) as info:
     pipeline.num_examples(task, "test", data_dir=str(tmp_path))
   message = str(info.value)
-  for part in ("'dtd'", "dtd:3.*.*", str(tmp_path), "no route to host", "'digits'"):
+  for part in ("'dtd'", "dtd:3.*.*", str(tmp_path), "no route to host", "'digits'",
+               "'novel_textures'"):
     assert part in message, part
 
 
@@ -213,3 +216,26 @@ def test_source_size_mismatch_is_an_error(data_dir):
   task = dataclasses.replace(TASK, source_sizes={"train": 801})
   with pytest.raises(ValueError, match="800 examples in 'train'.*computed for 801"):
     pipeline.prepare(task, data_dir)
+
+
+def test_rendered_task_end_to_end_from_fusion_home(tmp_path, monkeypatch):
+  """Generated under $FUSION_HOME on first use, VTAB-1k sized, in render order."""
+  monkeypatch.setenv("FUSION_HOME", str(tmp_path))
+  task = tasks.get("shapes_orientation")
+  spec = render.get_task(task.name)
+  builder = pipeline.prepare(task)
+  assert builder.is_prepared()
+  assert str(builder.data_dir).startswith(str(tmp_path / "tensorflow_datasets"))
+  assert {s: pipeline.num_examples(task, s) for s in tasks.SPLITS} == {
+      "train800": 800, "val200": 200, "train800val200": 1000, "test": 2000}
+  train, val = (spec.render_range(s, 0, n) for s, n in (("train", 800), ("validation", 200)))
+  images, labels = pipeline.load_split(task, "train800val200", resolution=32, mean=0.0,
+                                       std=1.0)
+  np.testing.assert_array_equal(labels, np.concatenate([train["label"], val["label"]]))
+  want = np.concatenate([train["image"], val["image"]]) / 255  # Native size: no resize.
+  np.testing.assert_allclose(images, want, rtol=0, atol=1e-6)
+  batches = list(pipeline.iterate_batches(task, "test", resolution=16, mean=MEAN, std=STD,
+                                          batch_size=512))
+  assert len(batches) == 4 and batches[-1]["mask"].sum() == 2000 - 3 * 512
+  test_labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(test_labels, spec.render_range("test", 0, 2000)["label"])

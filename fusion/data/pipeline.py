@@ -64,7 +64,8 @@ def prepare(task: Task, data_dir: str | None = None) -> tfds.core.DatasetBuilder
             f"network access (`tfds build {task.tfds_name.split(':')[0]}`, or "
             "fusion.data.pipeline.prepare) and pass its data_dir; datasets that "
             "need a manual download say which files to put where in the error "
-            "above. Offline alternative: the task 'digits'.") from e
+            f"above. Offline alternatives (generated here): "
+            f"{', '.join(map(repr, tasks_lib.OFFLINE_TASKS))}.") from e
   _check_source_sizes(task, builder)
   return builder
 

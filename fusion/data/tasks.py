@@ -1,5 +1,9 @@
 """Task registry: the 19 VTAB-1k tasks and the offline tasks.
 
+Offline tasks (`OFFLINE_TASKS`, the embedded mini-VTAB) are generated on this
+machine: `digits` (scikit-learn's handwriting) and the tasks of
+`fusion.data.render` (`synthetic.RenderedTasks`).
+
 A `Task` says where the data lives (TFDS builder name + version), which TFDS
 slices make the four VTAB-1k splits, and how an example's label is computed.
 It does not load anything: `fusion.data.pipeline` turns a task into batches.
@@ -23,6 +27,8 @@ from typing import Any
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import fusion
+from fusion.data import render
 from fusion.data import synthetic  # Registers the offline TFDS builders.
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -37,13 +43,9 @@ LabelFn = Callable[[Example], tf.Tensor]
 ImageFn = Callable[[tf.Tensor], tf.Tensor]
 
 
-def fusion_home() -> str:
-  return os.path.expanduser(os.environ.get("FUSION_HOME", "~/.cache/fusion"))
-
-
 def offline_data_dir() -> str:
   """Where offline builders are prepared: $FUSION_HOME/tensorflow_datasets."""
-  return os.path.join(fusion_home(), "tensorflow_datasets")
+  return os.path.join(fusion.fusion_home(), "tensorflow_datasets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,20 +411,39 @@ def _vtab_tasks() -> list[Task]:
 # Built on this machine by the builders of synthetic.py; no network needed.
 
 
+def _rendered_task(name: str) -> Task:
+  """A task of `render.TASKS` as built by `synthetic.RenderedTasks`.
+
+  Its splits are exactly VTAB-1k sized (800 / 200 / >= 2000), so the specs
+  are those of the tasks with a TFDS validation split; `source_sizes` makes the
+  pipeline refuse data prepared with other sizes.
+  """
+  config = synthetic.RenderedTasks.builder_configs[name]
+  spec = render.get_task(name)
+  return Task(name, f"{synthetic.RenderedTasks.name}/{name}:{config.version}",
+              _WITH_VALIDATION, class_label, spec.num_classes, spec.category,
+              label_names=spec.class_names, offline=True,
+              source_sizes=config.split_sizes)
+
+
 def _offline_tasks() -> list[Task]:
-  return [
-      Task("digits", f"digits:{synthetic.Digits.VERSION}",
-           _vtab_splits("train", "validation", "test"), class_label, 10,
-           "natural", label_names=tuple(str(d) for d in range(10)), offline=True,
-           source_sizes=synthetic.DIGITS_SPLIT_SIZES),
-  ]
+  digits = Task("digits", f"digits:{synthetic.Digits.VERSION}",
+                _vtab_splits("train", "validation", "test"), class_label, 10,
+                "natural", label_names=tuple(str(d) for d in range(10)), offline=True,
+                source_sizes=synthetic.DIGITS_SPLIT_SIZES)
+  rendered = [_rendered_task(name) for name in render.TASKS]
+  # VTAB order: natural, specialized, structured (stable within a group).
+  return sorted([digits] + rendered, key=lambda t: CATEGORIES.index(t.category))
 
 
 # --------------------------------------------------------------- registry
 
 _VTAB = _vtab_tasks()
+_OFFLINE = _offline_tasks()
 VTAB_TASKS: tuple[str, ...] = tuple(task.name for task in _VTAB)
-TASKS: dict[str, Task] = {task.name: task for task in _VTAB + _offline_tasks()}
+# The offline mini-VTAB (configs/demo.py): digits and the rendered tasks.
+OFFLINE_TASKS: tuple[str, ...] = tuple(task.name for task in _OFFLINE)
+TASKS: dict[str, Task] = {task.name: task for task in _VTAB + _OFFLINE}
 
 
 def get(name: str) -> Task:
