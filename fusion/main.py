@@ -18,6 +18,7 @@ from ml_collections import config_flags
 # Job name -> module with `run(config, workdir) -> str` (the results markdown).
 JOBS = {
     "linear_probe": "fusion.linear_probe",
+    "select": "fusion.selection.job",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -242,11 +242,30 @@ def upper_triangle(matrix: jax.Array) -> jax.Array:
 
 
 def rankdata(v: jax.Array) -> jax.Array:
-  """1-based ranks with ties averaged (scipy.stats.rankdata's 'average')."""
-  s = jnp.sort(v)
-  below = jnp.searchsorted(s, v, side="left", method="sort")
-  through = jnp.searchsorted(s, v, side="right", method="sort")
-  return (below + through + 1).astype(float_dtype()) / 2
+  """1-based ranks with ties averaged (scipy.stats.rankdata's 'average').
+
+  One argsort; each tie group's first and last sorted positions come from
+  running max/min scans (two searchsorted passes would sort 2N values twice,
+  ~5x slower on the N^2/2 entries of an RDM)."""
+  n = v.shape[0]
+  order = jnp.argsort(v)
+  s = v[order]
+  position = jnp.arange(n)
+  differs = s[1:] != s[:-1]
+  starts = jnp.concatenate([jnp.ones((1,), bool), differs])
+  ends = jnp.concatenate([differs, jnp.ones((1,), bool)])
+  first = jax.lax.cummax(jnp.where(starts, position, 0))
+  last = jax.lax.cummin(jnp.where(ends, position, n), reverse=True)
+  average = (first + last + 2).astype(float_dtype()) / 2
+  return jnp.zeros((n,), float_dtype()).at[order].set(average)
+
+
+def binary_ranks(b: jax.Array) -> jax.Array:
+  """rankdata of a 0/1 vector without sorting: all zeros tie below all ones."""
+  b = b.astype(bool)
+  zeros = jnp.sum(~b).astype(float_dtype())
+  ones = b.shape[0] - zeros
+  return jnp.where(b, zeros + (ones + 1) / 2, (zeros + 1) / 2)
 
 
 def pearson(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -257,6 +276,15 @@ def pearson(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
   return pearson(rankdata(a), rankdata(b))
+
+
+def spearman_with_label_rdm(rdm_values: jax.Array, labels: jax.Array) -> jax.Array:
+  """Spearman correlation of an RDM's upper triangle with the label RDM's.
+
+  The one-hot label RDM (1 - Pearson) is two-valued, 0 within a class and
+  1 + 1/(C-1) across, so it ranks like the indicator [y_i != y_j]."""
+  different = upper_triangle(labels[:, None] != labels[None, :])
+  return pearson(rankdata(upper_triangle(rdm_values)), binary_ranks(different))
 
 
 def leep_from_probs(probs: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:

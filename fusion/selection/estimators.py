@@ -541,8 +541,7 @@ def _parc_core(x: jax.Array, labels: jax.Array, *, num_classes: int, pca_dim: in
   if pca_dim < x.shape[1]:
     x = common.pca_project(x, pca_dim)
   features_rdm = 1 - common.row_correlations(common.zscore(x))
-  labels_rdm = (labels[:, None] != labels[None, :]).astype(x.dtype)   # ranks of 1 - corr(onehot)
-  return common.spearman(common.upper_triangle(features_rdm), common.upper_triangle(labels_rdm))
+  return common.spearman_with_label_rdm(features_rdm, labels)
 
 
 def _parc_dim(pca_dim: int, n: int, d: int) -> int:

@@ -56,10 +56,6 @@ def rdm(x: jax.Array) -> jax.Array:
   return 1 - common.row_correlations(x)
 
 
-def _label_rdm(labels: jax.Array) -> jax.Array:
-  return (labels[:, None] != labels[None, :]).astype(common.float_dtype())
-
-
 def _squared_distances(x: jax.Array) -> jax.Array:
   sq = jnp.sum(x * x, axis=1)
   d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0)
@@ -125,8 +121,10 @@ def _rsa_core(x: jax.Array, labels: jax.Array, reference: jax.Array | None = Non
               num_classes: int, zscore: bool) -> jax.Array:
   del num_classes  # labels enter through their RDM
   prep = common.zscore if zscore else (lambda a: a)
-  ref_rdm = _label_rdm(labels) if reference is None else rdm(prep(reference))
-  return common.spearman(common.upper_triangle(rdm(prep(x))), common.upper_triangle(ref_rdm))
+  if reference is None:
+    return common.spearman_with_label_rdm(rdm(prep(x)), labels)
+  return common.spearman(common.upper_triangle(rdm(prep(x))),
+                         common.upper_triangle(rdm(prep(reference))))
 
 
 def _dds_core(x: jax.Array, labels: jax.Array, reference: jax.Array | None = None, *,

@@ -1,0 +1,489 @@
+"""The `select` job: rank every hub model on every task by every configured
+transferability estimator, and measure how well each ranking predicts transfer.
+
+Per task: cached frozen features of `select.split` (train800val200) for every
+hub model, one score per (estimator, model), the model taxonomy (pairwise RSA,
+hierarchical clustering, plots/taxonomy_<task>.png). Against ground truth (the
+linear probe computed here, or the rows of an earlier job's results.json) each
+estimator gets weighted Kendall tau, Spearman and top-1 regret per task and
+their means: tables in results.md, plots/selection.png. Every score goes to
+rankings.json.
+
+Estimator entries. `select.estimators` names columns; each is a registry name
+(fusion.selection.ESTIMATORS) or a variant described in `select.options[name]`:
+  {"estimator": "<registry name>", "reference": "labels" | "model", **options}.
+`reference` (RSA, DDS, CKA only) picks what the features are compared with: the
+one-hot labels on `select.split`, or the reference CNN (reference.py) on its
+probe split (val200, examples the CNN has not seen; hub features of that split
+are extracted for these entries). Other keys are the estimator's own keyword
+options, checked against its signature.
+
+LEEP and NCE score a source classifier head's predictions. Hub backbones carry
+no head (fusion.hub.Backbone has none), so these entries are skipped, each with
+its reason in results.md and rankings.json, rather than failing the job.
+"""
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from fusion import features as features_lib
+from fusion import linear_probe
+from fusion import report
+from fusion import sharding
+from fusion import selection
+from fusion.selection import ranking
+from fusion.selection import reference as reference_lib
+from fusion.selection import rsa
+
+REFERENCE_ESTIMATORS = ("rsa", "dds", "cka")
+REFERENCES = ("labels", "model")
+# Options the job fills in itself; configs may not set them.
+JOB_OPTIONS = ("reference_features", "source_probs", "source_labels", "num_classes")
+NO_SOURCE_HEAD = ("skipped: it scores a source classifier head's predictions and hub "
+                  "backbones carry no head (fusion.hub.Backbone has none)")
+GROUND_TRUTHS = ("linear_probe", "none")  # or a path to a results.json
+METRIC_TITLES = {
+    "weighted_tau": "weighted Kendall tau (higher is better)",
+    "spearman": "Spearman correlation (higher is better)",
+    "top1_regret": "top-1 regret, points of test accuracy (lower is better)",
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.select` of the select job (embedded by configs/demo.py and vtab1k.py)."""
+  return ml_collections.ConfigDict({
+      "estimators": ("knn", "logme", "rsa", "rsa_reference", "dds", "dds_reference",
+                     "cka", "leep", "nce", "nleep", "hscore", "shrinkage_hscore",
+                     "transrate", "gbc", "sfda", "parc"),
+      "options": {
+          "knn": {"k": 1, "metric": "cosine"},
+          "rsa_reference": {"estimator": "rsa", "reference": "model"},
+          "dds": {"normalisation": "zscore", "function": "laplacian"},
+          "dds_reference": {"estimator": "dds", "reference": "model",
+                            "normalisation": "zscore", "function": "laplacian"},
+          "cka": {"kernel": "linear"},
+          "parc": {"pca_dim": 32},
+      },
+      "split": "train800val200",
+      # "linear_probe": computed in this job (config.probe); "none": rankings only;
+      # else the path of an earlier job's results.json.
+      "ground_truth": "linear_probe",
+      "ground_truth_method": "linear_probe",
+      "models_per_call": 8,  # models stacked into one vmapped call (same feature dim)
+      "reference": reference_lib.default_config(),
+      "taxonomy": {"enabled": True, "method": "average", "max_examples": 500},
+  })
+
+
+# ------------------------------------------------------------------ entries
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str                 # column / method suffix, e.g. "rsa_reference"
+  estimator: str            # registry name, e.g. "rsa"
+  options: dict[str, Any]   # the estimator's keyword options
+  reference: str            # "labels" or "model"
+  skipped: str | None = None
+
+
+def _keyword_options(fn) -> set[str]:
+  params = inspect.signature(fn).parameters.values()
+  return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def entries(cfg) -> list[Entry]:
+  """The configured estimator entries, validated (nothing runs before this)."""
+  names = list(cfg.estimators)
+  if not names:
+    raise ValueError("select.estimators is empty; name at least one of "
+                     f"{sorted(selection.ESTIMATORS)}.")
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise ValueError(f"select.estimators lists {duplicates} more than once.")
+  all_options = cfg.get("options") or {}
+  result = []
+  for name in names:
+    raw = all_options.get(name) or {}
+    options = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+    base = options.pop("estimator", name)
+    if base not in selection.ESTIMATORS:
+      raise ValueError(
+          f"select.estimators entry {name!r} is estimator {base!r}, which is unknown; "
+          f"registered: {sorted(selection.ESTIMATORS)} (a variant names one with "
+          f"select.options.{name}.estimator).")
+    reference = options.pop("reference", "labels")
+    if reference not in REFERENCES:
+      raise ValueError(f"select.options.{name}.reference={reference!r} is not one of "
+                       f"{REFERENCES}.")
+    if reference != "labels" and base not in REFERENCE_ESTIMATORS:
+      raise ValueError(f"select.options.{name}.reference={reference!r}: only "
+                       f"{REFERENCE_ESTIMATORS} compare with a reference; {base!r} does not.")
+    valid = _keyword_options(selection.ESTIMATORS[base]) - set(JOB_OPTIONS)
+    unknown = sorted(set(options) - valid)
+    if unknown:
+      raise ValueError(f"select.options.{name} has unknown option(s) {unknown} for "
+                       f"estimator {base!r}; valid: {sorted(valid)} (plus 'estimator' "
+                       "and, for rsa/dds/cka, 'reference').")
+    skipped = NO_SOURCE_HEAD if base in selection.REQUIRED_OPTIONS else None
+    result.append(Entry(name, base, options, reference, skipped))
+  return result
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _extract(config, backbone, task, split: str, mesh) -> features_lib.FeatureSet:
+  return features_lib.extract(backbone, task, split, mesh=mesh,
+                              batch_size=config.batch_size,
+                              cache_dir=config.get("cache_dir") or None)
+
+
+def _hub_features(config, backbones, task, split: str, mesh
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """{model: features [N, D]} and the labels all models share."""
+  feats, labels = {}, None
+  for backbone in backbones:
+    fs = _extract(config, backbone, task, split, mesh)
+    if labels is None:
+      labels = fs.labels
+    elif not np.array_equal(fs.labels, labels):
+      raise ValueError(f"task {task.name!r}, split {split!r}: the cached features of "
+                       f"{backbone.name!r} list other labels (or another order) than those "
+                       f"of {backbones[0].name!r}; clear the feature cache and re-extract.")
+    feats[backbone.name] = fs.features
+  return feats, labels
+
+
+def score_models(entry: Entry, feats: Mapping[str, np.ndarray], labels: np.ndarray, *,
+                 num_classes: int, reference: np.ndarray | None = None,
+                 models_per_call: int = 8) -> dict[str, float]:
+  """{model: score} of one estimator entry. Models with the same feature
+  dimension are stacked, `models_per_call` at a time, into one vmapped call."""
+  batched = selection.BATCHED[entry.estimator]
+  extra = dict(entry.options, num_classes=num_classes)
+  if entry.reference == "model":
+    extra["reference_features"] = reference
+  by_dim: dict[int, list[str]] = {}
+  for model, f in feats.items():
+    by_dim.setdefault(np.shape(f)[-1], []).append(model)
+  scores = {}
+  for models in by_dim.values():
+    for start in range(0, len(models), models_per_call):
+      chunk = models[start:start + models_per_call]
+      try:
+        values = batched(np.stack([feats[m] for m in chunk]), labels, **extra)
+      except ValueError as e:
+        raise ValueError(f"estimator {entry.name!r} on models {chunk} (model i of the "
+                         f"message is {chunk}[i]): {e}") from e
+      scores.update(zip(chunk, map(float, values)))
+  return {m: scores[m] for m in feats}
+
+
+def _taxonomy(feats: Mapping[str, np.ndarray], cfg) -> dict[str, Any]:
+  """Pairwise RSA of all models on at most max_examples evenly spaced examples."""
+  n = len(next(iter(feats.values())))
+  count = min(n, int(cfg.max_examples))
+  index = np.linspace(0, n - 1, count).round().astype(int)
+  similarity = rsa.rsa_similarity_matrix([f[index] for f in feats.values()])
+  linkage = rsa.cluster_models(similarity, cfg.method)
+  return {"models": list(feats), "num_examples": count, "similarity": similarity.tolist(),
+          "linkage": linkage.tolist(), "method": cfg.method}
+
+
+def rank_task(config, task, backbones, entry_list: Sequence[Entry], mesh,
+              workdir: str) -> dict[str, Any]:
+  """Scores, rankings, reference and taxonomy of one task (rankings.json's part)."""
+  cfg = config.select
+  active = [e for e in entry_list if not e.skipped]
+  feats, labels = _hub_features(config, backbones, task, cfg.split, mesh)
+  out: dict[str, Any] = {"category": task.category, "split": cfg.split,
+                         "num_examples": int(len(labels)), "scores": {}, "rankings": {}}
+  needs_reference = [e for e in active if e.reference == "model"]
+  probe = None
+  if needs_reference:
+    ref = reference_lib.train_reference(task, cfg.reference, seed=config.seed, workdir=workdir)
+    probe_feats, probe_labels = _hub_features(config, backbones, task,
+                                              cfg.reference.probe_split, mesh)
+    if not np.array_equal(probe_labels, ref.labels):
+      raise ValueError(f"task {task.name!r}: the reference CNN's {cfg.reference.probe_split} "
+                       "labels differ from those of the cached hub features; clear the "
+                       "feature cache and re-extract.")
+    probe = (probe_feats, probe_labels, ref.features)
+    out["reference"] = {"split": cfg.reference.probe_split,
+                        "num_examples": int(len(probe_labels)),
+                        "probe_accuracy": ref.probe_accuracy}
+  for entry in tqdm.tqdm(active, desc=f"select {task.name}", unit="estimator", leave=False):
+    if entry.reference == "model":
+      f, y, r = probe
+    else:
+      f, y, r = feats, labels, None
+    try:
+      scores = score_models(entry, f, y, num_classes=task.num_classes, reference=r,
+                            models_per_call=int(cfg.models_per_call))
+    except ValueError as e:
+      raise ValueError(f"task {task.name!r}: {e}") from e
+    out["scores"][entry.name] = scores
+    out["rankings"][entry.name] = sorted(scores, key=lambda m: -scores[m])
+  if cfg.taxonomy.enabled:
+    out["taxonomy"] = _taxonomy(feats, cfg.taxonomy)
+    rsa.plot_dendrogram(out["taxonomy"]["similarity"], out["taxonomy"]["models"],
+                        os.path.join(workdir, "plots", f"taxonomy_{task.name}.png"),
+                        method=cfg.taxonomy.method,
+                        title=f"Model taxonomy on {task.name} (RSA, {cfg.split})")
+  return out
+
+
+# ------------------------------------------------------------------ ground truth
+
+
+def _check_ground_truth(cfg) -> None:
+  gt = cfg.ground_truth
+  if gt in GROUND_TRUTHS:
+    return
+  if not isinstance(gt, str) or not gt:
+    raise ValueError(f"select.ground_truth={gt!r} must be one of {GROUND_TRUTHS} or the "
+                     "path of an earlier job's results.json.")
+  if not os.path.isfile(gt):
+    raise ValueError(f"select.ground_truth={gt!r} is neither one of {GROUND_TRUTHS} nor an "
+                     "existing file; pass the results.json of a linear_probe (or "
+                     "fine-tuning) job.")
+
+
+def _rows_from_file(path: str, method: str) -> list[dict]:
+  try:
+    with open(path) as f:
+      rows = json.load(f)["rows"]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"select.ground_truth={path!r} is not a results.json with 'rows' "
+                     f"({type(e).__name__}: {e}).") from e
+  chosen = [r for r in rows if r.get("method") == method]
+  if not chosen:
+    methods = sorted({str(r.get("method")) for r in rows})
+    raise ValueError(f"{path} has no rows of select.ground_truth_method={method!r}; its "
+                     f"methods: {methods}.")
+  return chosen
+
+
+def _ground_truth_index(rows: Sequence[Mapping[str, Any]], tasks, models: Sequence[str],
+                        source: str) -> dict[tuple[str, str], Mapping[str, Any]]:
+  index = {}
+  for row in rows:
+    if "model" in row:
+      index[(row["task"], row["model"])] = row
+  missing = [(t.name, m) for t in tasks for m in models if (t.name, m) not in index]
+  if missing:
+    raise ValueError(f"the ground truth ({source}) has no test accuracy for (task, model) "
+                     f"{missing}; it must cover every hub model on every task.")
+  return index
+
+
+# ------------------------------------------------------------------ report
+
+
+def _order(table: Mapping[str, Any]) -> list[str]:
+  """Estimators by mean weighted tau (best first), else as configured."""
+  mean = {m["estimator"]: m for m in table["mean"]}
+  key = "weighted_tau" if "weighted_tau" in table["metrics"] else table["metrics"][0]
+  sign = 1 if key == "top1_regret" else -1
+  return sorted(table["estimators"], key=lambda e: sign * mean[e][key])
+
+
+def metric_table(table: Mapping[str, Any], metric: str) -> str:
+  """Markdown: estimators x tasks (+ mean) of one metric, best per column bold."""
+  tasks, order = table["tasks"], _order(table)
+  cell = {(r["estimator"], r["task"]): r[metric] for r in table["rows"]}
+  cell.update({(m["estimator"], "mean"): m[metric] for m in table["mean"]})
+  pick = min if metric == "top1_regret" else max
+  fmt = "{:.1f}" if metric == "top1_regret" else "{:.3f}"
+  lines = ["| estimator | " + " | ".join(tasks) + " | **mean** |",
+           "|---|" + "---:|" * (len(tasks) + 1)]
+  for estimator in order:
+    values = []
+    for column in [*tasks, "mean"]:
+      v = cell.get((estimator, column))
+      column_values = [cell[(e, column)] for e in order if (e, column) in cell]
+      text = "–" if v is None or math.isnan(v) else fmt.format(v)
+      bold = v is not None and not math.isnan(v) and v == pick(column_values)
+      values.append(f"**{text}**" if bold else text)
+    lines.append(f"| {estimator} | " + " | ".join(values) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def picks_table(per_task: Mapping[str, Any], estimator_names: Sequence[str],
+                accuracies: Mapping[str, Mapping[str, float]] | None) -> str:
+  """Markdown: each estimator's top-1 model per task (with its test accuracy)."""
+  tasks = list(per_task)
+  lines = ["| estimator | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+
+  def cell(task, model):
+    if accuracies is None:
+      return model
+    return f"{model} ({100 * accuracies[task][model]:.1f})"
+
+  if accuracies is not None:
+    best = [max(accuracies[t], key=accuracies[t].get) for t in tasks]
+    lines.append("| *oracle* | " + " | ".join(cell(t, m) for t, m in zip(tasks, best)) + " |")
+  for name in estimator_names:
+    picks = [cell(t, per_task[t]["rankings"][name][0]) for t in tasks]
+    lines.append(f"| {name} | " + " | ".join(picks) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_selection(table: Mapping[str, Any], path: str) -> str:
+  """Heatmaps estimators x (tasks + mean), one panel per ranking metric."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  order, columns = _order(table), [*table["tasks"], "mean"]
+  cell = {(r["estimator"], r["task"]): r for r in table["rows"]}
+  cell.update({(m["estimator"], "mean"): m for m in table["mean"]})
+  metrics = table["metrics"]
+  fig = Figure(figsize=(len(metrics) * (1.6 + 0.7 * len(columns)), 1.2 + 0.35 * len(order)))
+  FigureCanvasAgg(fig)
+  for i, metric in enumerate(metrics):
+    ax = fig.add_subplot(1, len(metrics), i + 1)
+    grid = np.array([[cell[(e, c)][metric] if (e, c) in cell else np.nan for c in columns]
+                     for e in order], np.float64)
+    if metric == "top1_regret":
+      image = ax.imshow(grid, cmap="viridis_r", aspect="auto", vmin=0)
+    else:
+      image = ax.imshow(grid, cmap="RdYlGn", aspect="auto", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(order)), order if i == 0 else [""] * len(order))
+    for (r, c), v in np.ndenumerate(grid):
+      if not np.isnan(v):
+        ax.text(c, r, f"{v:.1f}" if metric == "top1_regret" else f"{v:.2f}",
+                ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(METRIC_TITLES[metric].split(" (")[0], fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def _notes(entry_list, per_task, source: str, split: str) -> str:
+  lines = [f"- Scores from frozen features of `{split}`; ground truth: {source}."]
+  for e in entry_list:
+    if e.skipped:
+      lines.append(f"- `{e.name}` ({e.estimator}): {e.skipped}.")
+  accuracy = {t: v["reference"]["probe_accuracy"] for t, v in per_task.items()
+              if "reference" in v}
+  if accuracy:
+    listed = ", ".join(f"{t} {100 * a:.1f}%" for t, a in accuracy.items())
+    lines.append(f"- `*_reference` entries compare with a small CNN trained on train800 "
+                 f"(fusion/selection/reference.py), on val200; its val200 accuracy: {listed}.")
+  if any("taxonomy" in v for v in per_task.values()):
+    lines.append("- Model taxonomy (pairwise RSA, hierarchical clustering): "
+                 + ", ".join(f"plots/taxonomy_{t}.png" for t, v in per_task.items()
+                             if "taxonomy" in v) + ".")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ job
+
+
+def run(config, workdir: str) -> str:
+  """The select job; writes rankings.json, results.json, results.md and plots/."""
+  if config.get("select") is None:
+    raise ValueError("config.select is missing; embed fusion.selection.job.default_config().")
+  cfg = config.select
+  entry_list = entries(cfg)
+  _check_ground_truth(cfg)
+  if cfg.ground_truth == "linear_probe" and config.get("probe") is None:
+    raise ValueError("select.ground_truth='linear_probe' trains linear probes here and needs "
+                     "config.probe (fusion.config_lib.probe_config()); or pass the "
+                     "results.json of an earlier linear_probe job.")
+  if int(cfg.models_per_call) < 1:
+    raise ValueError(f"select.models_per_call={cfg.models_per_call!r} must be >= 1.")
+  task_list = linear_probe.load_tasks(config)
+  for task in task_list:
+    if cfg.split not in task.splits:
+      raise ValueError(f"select.split={cfg.split!r} is not a split of task {task.name!r}; "
+                       f"valid: {sorted(task.splits)}.")
+  gt_rows = None
+  if cfg.ground_truth not in GROUND_TRUTHS:  # read it before the expensive part
+    gt_rows = _rows_from_file(cfg.ground_truth, cfg.ground_truth_method)
+  backbones = linear_probe.load_hub(config)
+  if len(backbones) < 2:
+    raise ValueError(f"the select job ranks models and needs at least 2 in the hub; got "
+                     f"{[b.name for b in backbones]}.")
+  mesh = sharding.make_mesh(config.get("num_devices") or None)
+  models = [b.name for b in backbones]
+
+  per_task = {}
+  for task in task_list:
+    per_task[task.name] = rank_task(config, task, backbones, entry_list, mesh, workdir)
+
+  rows: list[dict] = []
+  source = cfg.ground_truth
+  if cfg.ground_truth == "linear_probe":
+    gt_rows = linear_probe.probe_hub(config, workdir, backbones, task_list, mesh)
+    rows.extend(gt_rows)
+    report.plot_heatmap(gt_rows, os.path.join(workdir, "plots", "linear_probe.png"),
+                        method="linear_probe", title="Linear probe test accuracy (%)")
+    source = "linear probes trained in this job"
+  elif gt_rows is not None:
+    source = f"`{cfg.ground_truth_method}` rows of {cfg.ground_truth}"
+  else:
+    source = "none (rankings only)"
+
+  active = [e.name for e in entry_list if not e.skipped]
+  sections = []
+  table = accuracies = None
+  if gt_rows is not None:
+    index = _ground_truth_index(gt_rows, task_list, models, source)
+    accuracies = {t.name: {m: float(index[(t.name, m)]["test_accuracy"]) for m in models}
+                  for t in task_list}
+    table = ranking.ranking_table({t: v["scores"] for t, v in per_task.items()}, accuracies)
+    for r in table["rows"]:
+      scores = per_task[r["task"]]["scores"][r["estimator"]]
+      top = per_task[r["task"]]["rankings"][r["estimator"]][0]
+      truth = index[(r["task"], top)]
+      rows.append({"task": r["task"], "category": per_task[r["task"]]["category"],
+                   "method": f"select/{r['estimator']}", "model": top,
+                   **{k: truth[k] for k in ("test_accuracy", "test_nll", "test_ece",
+                                            "inference_gflops")},
+                   "weighted_tau": r["weighted_tau"], "spearman": r["spearman"],
+                   "regret": r["top1_regret"], "scores": scores})
+    for metric in table["metrics"]:
+      sections.append((f"Model selection: {METRIC_TITLES[metric]}", metric_table(table, metric)))
+    plot_selection(table, os.path.join(workdir, "plots", "selection.png"))
+  sections.append(("Model selection: top-1 pick per estimator" +
+                   (" (its test accuracy, %)" if accuracies else ""),
+                   picks_table(per_task, active, accuracies)))
+  sections.append(("Model selection: notes", _notes(entry_list, per_task, source, cfg.split)))
+
+  rankings = {
+      "split": cfg.split, "ground_truth": source, "models": models,
+      "estimators": {e.name: {"estimator": e.estimator, "options": e.options,
+                              "reference": e.reference, "skipped": e.skipped}
+                     for e in entry_list},
+      "tasks": per_task, "evaluation": table,
+  }
+  report.write_atomic(os.path.join(workdir, "rankings.json"),
+                      json.dumps(rankings, indent=1, default=_json_default))
+  logging.info("select: ranked %d models on %d tasks with %d estimators", len(models),
+               len(task_list), len(active))
+  return report.write_results(workdir, rows, sections)
+
+
+def _json_default(value):
+  if isinstance(value, (np.generic, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if hasattr(value, "to_dict"):
+    return value.to_dict()
+  raise TypeError(f"not JSON serialisable: {type(value)}")
