@@ -439,3 +439,21 @@ def test_float32_default_close_to_reference(name):
   with jax.enable_x64(False):
     got = selection.ESTIMATORS[name](x, y, **options)
   np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranks_with_ties_match_scipy(seed):
+  """Spearman's ranks: many ties (as in an RDM's upper triangle) averaged like scipy."""
+  rng = np.random.default_rng(seed)
+  v = rng.integers(0, 7, 300).astype(np.float64)  # ~43 copies of each value
+  v[:5] = rng.normal(size=5)  # and a few singletons
+  np.testing.assert_allclose(common.rankdata(v), scipy.stats.rankdata(v), rtol=1e-12)
+  b = rng.random(300) < 0.3
+  np.testing.assert_allclose(common.binary_ranks(b), scipy.stats.rankdata(b), rtol=1e-12)
+  labels = rng.integers(0, 4, 40)
+  rdm = rng.random((40, 40))
+  rdm = rdm + rdm.T
+  iu = np.triu_indices(40, 1)
+  label_rdm = (labels[:, None] != labels[None, :]).astype(float)
+  want = scipy.stats.spearmanr(rdm[iu], label_rdm[iu])[0]
+  assert float(common.spearman_with_label_rdm(rdm, labels)) == pytest.approx(want, rel=RTOL)
