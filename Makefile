@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/select.py
 
 clean:
 	rm -rf $(VENV) workdirs
