@@ -19,6 +19,7 @@ from ml_collections import config_flags
 JOBS = {
     "linear_probe": "fusion.linear_probe",
     "select": "fusion.selection.job",
+    "build_hub": "fusion.offline_hub",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
