@@ -362,7 +362,7 @@ NLEEP_OPTIONS = {"pca_dim": 8, "components_per_class": 2}
 
 
 def test_nleep_matches_reference():
-  x, y = make_task(8, separation=2.0)
+  x, y = make_task(8, separation=0.7)  # Overlapping classes: N-LEEP well below 0.
   got = estimators.nleep(x, y, **NLEEP_OPTIONS)
   np.testing.assert_allclose(got, ref_nleep(x, y, 8, 2), rtol=RTOL)
 
@@ -439,6 +439,19 @@ def test_float32_default_close_to_reference(name):
   with jax.enable_x64(False):
     got = selection.ESTIMATORS[name](x, y, **options)
   np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("scale", [3.0, 10.0])
+def test_float32_nleep_stays_finite_with_many_small_components(scale):
+  """Components of few points, features of large scale: float32 drops a 1e-6 ridge
+  and the Cholesky factor turned NaN (seen on the offline hub); the floor keeps it."""
+  x, y = make_task(15, n=300, c=10, separation=2.0)
+  x = x * scale
+  options = {"pca_dim": 6, "components_per_class": 5}
+  want = ref_nleep(x, y, 6, 5)
+  with jax.enable_x64(False):
+    got = estimators.nleep(x.astype(np.float32), y, **options)
+  np.testing.assert_allclose(got, want, rtol=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -208,8 +208,12 @@ def _nleep_core(x: jax.Array, keep_dims: jax.Array, labels: jax.Array, key: jax.
   # different PCA sizes can share one vmapped computation).
   z = common.pca_project(x, pca_dim)
   z = jnp.where(jnp.arange(pca_dim) < keep_dims, z, 0)
+  # In float32 a ridge far below eps x the data's variance is lost to rounding and
+  # a collapsing component's Cholesky factor turns NaN: floor the ridge there.
+  # (In float64 the floor is ~1e-15 x the variance: scikit-learn's reg_covar.)
+  floor = 10 * jnp.finfo(z.dtype).eps * jnp.sum(jnp.var(z, axis=0))
   posteriors = gmm_posteriors(z, key, num_components=num_components, max_iter=max_iter,
-                              tol=tol, reg_covar=reg_covar)
+                              tol=tol, reg_covar=jnp.maximum(reg_covar, floor))
   return common.leep_from_probs(posteriors, labels, num_classes)
 
 
@@ -251,7 +255,9 @@ def nleep(features: Any, labels: Any, *, pca_variance: float = 0.8,
   the variance (or exactly `pca_dim`); the mixture has `components_per_class` x C
   full-covariance components (or `num_components`), fitted in jnp by EM (see
   gmm_posteriors; scikit-learn is not needed); `key` (a PRNG key or an int seed)
-  seeds its initialisation (default jax.random.key(0)).
+  seeds its initialisation (default jax.random.key(0)). `reg_covar` is added to
+  every covariance's diagonal; in float32 it is at least 10 eps x the total
+  variance of the projected features, below which float32 cannot keep it.
   """
   data = common.check_inputs(features, labels, num_classes=num_classes)
   dims, key, static = _nleep_options(data, [data.features], pca_variance, pca_dim,
