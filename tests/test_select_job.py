@@ -11,6 +11,7 @@ from scipy import stats
 
 from fusion import config_lib
 from fusion import main
+from fusion import selection
 from fusion.selection import job
 
 import tiny_models
@@ -99,6 +100,29 @@ def test_ground_truth_from_an_earlier_results_json(first_run, hub_specs, tmp_pat
   for row in rows:
     for key in ("model", "weighted_tau", "spearman", "regret", "test_accuracy"):
       assert row[key] == pytest.approx(before[row["method"]][key]), key
+
+
+def test_an_estimator_that_returns_nan_is_left_out_not_fatal(first_run, hub_specs, tmp_path,
+                                                             monkeypatch):
+  workdir, _, home = first_run
+  monkeypatch.setenv("FUSION_HOME", home)
+  logme = selection.BATCHED["logme"]
+
+  def nan_for_the_first_model(stack, labels, **options):
+    scores = np.array(logme(stack, labels, **options))
+    scores[0] = np.nan
+    return scores
+
+  monkeypatch.setitem(selection.BATCHED, "logme", nan_for_the_first_model)
+  config = _select_config(hub_specs, estimators=("knn", "logme"),
+                          ground_truth=os.path.join(workdir, "results.json"))
+  markdown = main.run(config, str(tmp_path))
+  digits = _read(str(tmp_path), "rankings.json")["tasks"]["digits"]
+  assert set(digits["scores"]) == {"knn"}
+  assert digits["failed"] == {"logme": [ARCHS[0]]}
+  methods = {r["method"] for r in _read(str(tmp_path), "results.json")["rows"]}
+  assert methods == {"select/knn"}
+  assert f"`logme` on digits: NaN/inf scores for ['{ARCHS[0]}']" in markdown
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -233,6 +233,12 @@ def rank_task(config, task, backbones, entry_list: Sequence[Entry], mesh,
                             models_per_call=int(cfg.models_per_call))
     except ValueError as e:
       raise ValueError(f"task {task.name!r}: {e}") from e
+    failed = sorted(m for m, v in scores.items() if not math.isfinite(v))
+    if failed:  # A numerical failure of one estimator must not sink the whole job.
+      logging.warning("task %r: estimator %r scored %s as NaN/inf; it is left out of this "
+                      "task's evaluation.", task.name, entry.name, failed)
+      out.setdefault("failed", {})[entry.name] = failed
+      continue
     out["scores"][entry.name] = scores
     out["rankings"][entry.name] = sorted(scores, key=lambda m: -scores[m])
   if cfg.taxonomy.enabled:
@@ -335,7 +341,8 @@ def picks_table(per_task: Mapping[str, Any], estimator_names: Sequence[str],
     best = [max(accuracies[t], key=accuracies[t].get) for t in tasks]
     lines.append("| *oracle* | " + " | ".join(cell(t, m) for t, m in zip(tasks, best)) + " |")
   for name in estimator_names:
-    picks = [cell(t, per_task[t]["rankings"][name][0]) for t in tasks]
+    picks = [cell(t, per_task[t]["rankings"][name][0]) if name in per_task[t]["rankings"]
+             else "–" for t in tasks]
     lines.append(f"| {name} | " + " | ".join(picks) + " |")
   return "\n".join(lines) + "\n"
 
@@ -378,6 +385,10 @@ def _notes(entry_list, per_task, source: str, split: str) -> str:
   for e in entry_list:
     if e.skipped:
       lines.append(f"- `{e.name}` ({e.estimator}): {e.skipped}.")
+  for task, v in per_task.items():
+    for name, models in v.get("failed", {}).items():
+      lines.append(f"- `{name}` on {task}: NaN/inf scores for {models}; left out (–) of "
+                   "that task.")
   accuracy = {t: v["reference"]["probe_accuracy"] for t, v in per_task.items()
               if "reference" in v}
   if accuracy:
