@@ -5,6 +5,7 @@ Parses flags, writes the resolved config to the workdir and runs `config.job`.
 wrong type are flag errors that name them.
 """
 import importlib
+import logging as std_logging
 import os
 import sys
 
@@ -61,9 +62,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO records of libraries that log every step (orbax: ~15 per save)."""
+  LIBRARIES = ("orbax",)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, "/")
+    return record.levelno >= std_logging.WARNING or not any(
+        f"/{name}/" in path for name in self.LIBRARIES)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if logging.get_verbosity() <= logging.INFO:  # `-v 1` or more shows them again.
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()

@@ -1,6 +1,7 @@
 """The entry point: the linear-probe job end to end, and bad configs or names
 stop with an error that names them."""
 import json
+import logging
 import os
 import re
 import subprocess
@@ -88,3 +89,15 @@ def test_cli_names_the_offline_alternative_for_a_hub_id(tmp_path):
                      "HF_HOME": str(tmp_path / "hf")})
   assert result.returncode != 0
   assert "facebook/dinov2-small" in result.stderr and "configs/demo.py" in result.stderr
+
+
+def test_orbax_info_records_are_dropped_not_warnings():
+  quiet = main._QuietLibraries()
+
+  def record(path, level):
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not quiet.filter(record(orbax, logging.INFO))
+  assert quiet.filter(record(orbax, logging.WARNING))
+  assert quiet.filter(record("/work/fusion/train.py", logging.INFO))
