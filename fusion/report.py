@@ -109,17 +109,25 @@ def accuracy_table(rows: Sequence[Mapping[str, Any]], method: str | None = None,
 
 def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
                   sections: Sequence[tuple[str, str]] = (),
-                  extra: Mapping[str, Any] | None = None) -> str:
+                  extra: Mapping[str, Any] | None = None,
+                  table_methods: Sequence[str] | None = None) -> str:
   """Writes results.json (`rows` + `extra`) and results.md; returns the markdown.
 
-  `sections` are (heading, markdown) pairs appended after the per-method tables.
+  results.md has a tasks x models accuracy table per method (those of
+  `table_methods` only, when given: methods whose rows a section shows better),
+  then the `sections`, (heading, markdown) pairs.
   """
   check_rows(rows)
   payload = {"rows": list(rows), **(extra or {})}
   write_atomic(os.path.join(workdir, "results.json"),
                json.dumps(payload, indent=1, default=_json_default))
-  parts = ["# Results\n", "Test top-1 accuracy (%); best per task in bold.\n"]
-  for method in dict.fromkeys(r["method"] for r in rows):
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  if table_methods is not None:
+    methods = [m for m in methods if m in table_methods]
+  parts = ["# Results\n"]
+  if methods:
+    parts.append("Test top-1 accuracy (%); best per task in bold.\n")
+  for method in methods:
     parts.append(f"\n## {method}\n\n" + accuracy_table(rows, method))
   for heading, body in sections:
     parts.append(f"\n## {heading}\n\n{body}")

@@ -38,6 +38,18 @@ def test_write_results(tmp_path):
   assert lines.index(row_a) < lines.index(next(l for l in lines if l.startswith("| c |")))
 
 
+def test_table_methods_picks_the_tables_json_keeps_every_row(tmp_path):
+  rows, _ = _rows()
+  rows += [{**r, "method": "select/knn"} for r in rows[:2]]
+  md = report.write_results(str(tmp_path), rows, [("Notes", "- a note\n")],
+                            table_methods=("linear_probe",))
+  assert "## linear_probe" in md and "## select/knn" not in md
+  assert md.rstrip().endswith("- a note")
+  assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 8
+  md = report.write_results(str(tmp_path), rows, table_methods=())
+  assert "| a |" not in md and "best per task" not in md
+
+
 def test_missing_field_is_an_error(tmp_path):
   rows, _ = _rows()
   del rows[0]["test_nll"]

@@ -85,6 +85,7 @@ def test_rankings_and_evaluation_agree_with_the_ground_truth(first_run):
   assert similarity.shape == (3, 3) and np.allclose(np.diag(similarity), 1)
   assert "Model selection: weighted Kendall tau" in markdown
   assert "| *oracle* |" in markdown and "`leep` (leep): skipped" in markdown
+  assert "## linear_probe" in markdown and "## select/" not in markdown  # Picks: one table.
 
 
 def test_ground_truth_from_an_earlier_results_json(first_run, hub_specs, tmp_path,

@@ -487,7 +487,8 @@ def run(config, workdir: str) -> str:
                       json.dumps(rankings, indent=1, default=_json_default))
   logging.info("select: ranked %d models on %d tasks with %d estimators", len(models),
                len(task_list), len(active))
-  return report.write_results(workdir, rows, sections)
+  # Each select/<estimator> row is the estimator's pick; the picks table shows them.
+  return report.write_results(workdir, rows, sections, table_methods=("linear_probe",))
 
 
 def _json_default(value):
