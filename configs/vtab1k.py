@@ -4,10 +4,14 @@ Needs the network (HF weights, TFDS downloads) and a GPU or TPU. Choose subsets
 with the arg, e.g.
   python -m fusion.main --config configs/vtab1k.py:tasks=cifar100+dtd,models=dinov2_s \
       --workdir /tmp/vtab
+`--config.job=select` ranks the models by every transferability estimator
+against these probes; `--config.select.ground_truth=DIR/results.json` against
+an earlier job's rows instead.
 """
 import ml_collections
 
 from fusion import config_lib
+from fusion.selection import job as select_job
 
 # name -> HF hub id. Weights stored only as PyTorch/safetensors load with
 # from_pt (no torch needed for safetensors).
@@ -43,4 +47,5 @@ def get_config(arg=None):
   config.num_devices = 0  # 0: every local device.
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.probe = config_lib.probe_config()
+  config.select = select_job.default_config()
   return config

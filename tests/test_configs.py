@@ -1,0 +1,33 @@
+"""Every config file builds, names only known tasks, models and jobs, and
+rejects unknown names in its arg."""
+import pytest
+
+from configs import build_hub, demo, vtab1k
+from fusion import main
+from fusion import offline_hub
+from fusion.data import tasks as tasks_lib
+from fusion.selection import job as select_job
+
+
+def test_demo_is_the_offline_default():
+  config = demo.get_config()
+  assert config.job == "select" and main.job_module(config) is select_job
+  assert tuple(config.tasks) == tasks_lib.OFFLINE_TASKS
+  assert offline_hub.fingerprint(config.offline_hub) == offline_hub.fingerprint(
+      build_hub.get_config().offline_hub)  # The hub that configs/build_hub.py builds.
+  select_job.entries(config.select)  # A valid estimator list.
+  assert tuple(demo.get_config("tasks=digits+mixed").tasks) == ("digits", "mixed")
+  with pytest.raises(ValueError, match="cifar"):
+    demo.get_config("tasks=digits+cifar")
+
+
+def test_vtab1k_probes_and_selects_the_19_tasks():
+  config = vtab1k.get_config()
+  assert main.job_module(config).__name__ == "fusion.linear_probe"
+  assert len(config.tasks) == 19 and set(config.tasks) <= set(tasks_lib.TASKS)
+  assert {tasks_lib.TASKS[t].category for t in config.tasks} == {
+      "natural", "specialized", "structured"}
+  assert all(spec["path"] for spec in config.hub)
+  select_job.entries(config.select)
+  config.job = "select"
+  assert main.job_module(config) is select_job
