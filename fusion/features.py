@@ -119,7 +119,8 @@ def fingerprint(backbone: hub.Backbone, task, split: str) -> tuple[str, dict[str
   return digest[:32], inputs
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
+  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +137,7 @@ def _load_cached(directory: str, key: str) -> FeatureSet | None:
   try:
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta["fingerprint"] != key or meta["sha256"] != _sha256_file(data_path):
+    if meta["fingerprint"] != key or meta["sha256"] != sha256_file(data_path):
       raise ValueError("fingerprint or checksum mismatch")
     with np.load(data_path, allow_pickle=False) as data:
       features, labels = data["features"], data["labels"]
@@ -170,7 +171,7 @@ def _save_cached(directory: str, key: str, inputs: dict, fs: FeatureSet) -> None
       "inputs": inputs,
       "num_examples": int(fs.features.shape[0]),
       "feature_dim": int(fs.features.shape[1]),
-      "sha256": _sha256_file(os.path.join(directory, key + ".npz")),
+      "sha256": sha256_file(os.path.join(directory, key + ".npz")),
   }
   _atomic_write(directory, key + ".json",
                 lambda f: f.write(json.dumps(meta, indent=1).encode()))

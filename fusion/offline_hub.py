@@ -53,6 +53,7 @@ import optax
 import tqdm
 
 import fusion
+from fusion import features
 from fusion import hub
 from fusion import report
 from fusion import sharding
@@ -359,21 +360,13 @@ def make_batch_fn(images: np.ndarray, labels: np.ndarray, *, paradigm: str,
 # ------------------------------------------------------------ one model
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def is_complete(directory: str) -> bool:
   """Whether `directory` holds a finished model: COMPLETE matches its weights."""
   try:
     with open(os.path.join(directory, COMPLETE)) as f:
       marker = json.load(f)
     return (os.path.isfile(os.path.join(directory, ENTRY)) and
-            marker.get(WEIGHTS) == _sha256(os.path.join(directory, WEIGHTS)))
+            marker.get(WEIGHTS) == features.sha256_file(os.path.join(directory, WEIGHTS)))
   except (OSError, ValueError, AttributeError):
     return False
 
@@ -474,7 +467,7 @@ def build_model(entry: Mapping[str, Any], recipe: Mapping[str, Any], root: str,
       }
       report.write_atomic(os.path.join(staging, ENTRY), json.dumps(result, indent=1))
       report.write_atomic(os.path.join(staging, COMPLETE), json.dumps(
-          {WEIGHTS: _sha256(os.path.join(staging, WEIGHTS))}))
+          {WEIGHTS: features.sha256_file(os.path.join(staging, WEIGHTS))}))
       if is_complete(target):  # Another process finished it meanwhile: keep theirs.
         shutil.rmtree(staging)
         result = _read_entry(target)
