@@ -97,8 +97,7 @@ def _sample_layout(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     x[:, slot] = x_c[rows, slot, pick]
     centre[:, slot] = centre_c[rows, slot, pick]
     radius[:, slot] = radius_c[rows, slot, pick]
-  depth[~present] = np.nan
-  for a in (x, radius):
+  for a in (depth, x, radius):
     a[~present] = np.nan
   colour = rng.integers(0, len(_COLOURS), (n, k))
   for a in (shape, material, colour):
@@ -109,7 +108,6 @@ def _sample_layout(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
               horizon=horizon.astype(np.float32),
               radius=radius.astype(np.float32), shape=shape.astype(np.int32),
               material=material.astype(np.int32), colour=colour.astype(np.int32))
-
 
 
 def _background(rng: np.random.Generator, horizon: np.ndarray) -> np.ndarray:

@@ -22,15 +22,13 @@ def _u(rng, n, low, high):
   return rng.uniform(low, high, n).astype(np.float32)[:, None, None]
 
 
-def _frame(rng: np.random.Generator, n: int, angle: np.ndarray, centre=None):
-  """Per-image rotated coordinates (u along `angle`, v across) in pixels."""
+def _frame(angle: np.ndarray, centre=(16.0, 16.0)):
+  """Per-image rotated coordinates about `centre` (u along `angle`, v across), in
+  pixels."""
   x, y = core.pixel_grid(core.IMAGE_SIZE, _SS)
-  if centre is None:
-    cx, cy = 16.0, 16.0
-  else:
-    cx, cy = centre
+  x, y = x - centre[0], y - centre[1]
   c, s = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-  return (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
+  return x * c + y * s, -x * s + y * c
 
 
 def _stripes(t: np.ndarray, period, duty) -> np.ndarray:
@@ -63,7 +61,7 @@ def _fractal(rng, n, octaves=(2, 4, 8, 16)) -> np.ndarray:
 def grating(angle_deg: float, cycles: tuple[float, float]) -> Field:
   def field(rng, n):
     angle = np.deg2rad(angle_deg) + _u(rng, n, -np.deg2rad(8), np.deg2rad(8))
-    u, _ = _frame(rng, n, angle)
+    u, _ = _frame(angle)
     freq = _u(rng, n, *cycles) / core.IMAGE_SIZE
     return 0.5 + 0.5 * np.sin(2 * np.pi * freq * u + _u(rng, n, 0, 2 * np.pi))
   return field
@@ -72,7 +70,7 @@ def grating(angle_deg: float, cycles: tuple[float, float]) -> Field:
 def checker(angle_deg: float) -> Field:
   def field(rng, n):
     angle = np.deg2rad(angle_deg) + _u(rng, n, -np.deg2rad(8), np.deg2rad(8))
-    u, v = _frame(rng, n, angle)
+    u, v = _frame(angle)
     cell = _u(rng, n, 3.0, 6.0)
     a = _stripes(u + _u(rng, n, 0, 12), 2 * cell, 0.5)
     b = _stripes(v + _u(rng, n, 0, 12), 2 * cell, 0.5)
@@ -81,7 +79,7 @@ def checker(angle_deg: float) -> Field:
 
 
 def dot_lattice(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, np.pi / 2))
+  u, v = _frame(_u(rng, n, 0, np.pi / 2))
   spacing = _u(rng, n, 5.0, 8.0)
   du = np.mod(u + _u(rng, n, 0, 8), spacing) - spacing / 2
   dv = np.mod(v + _u(rng, n, 0, 8), spacing) - spacing / 2
@@ -113,12 +111,12 @@ def fractal_noise(rng, n):
 
 
 def thin_lines(rng, n):
-  u, _ = _frame(rng, n, _u(rng, n, 0, np.pi))
+  u, _ = _frame(_u(rng, n, 0, np.pi))
   return _stripes(u + _u(rng, n, 0, 8), _u(rng, n, 4.0, 7.0), _u(rng, n, 0.15, 0.25))
 
 
 def waves(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, 2 * np.pi))
+  u, v = _frame(_u(rng, n, 0, 2 * np.pi))
   bend = _u(rng, n, 1.5, 3.0) * np.sin(2 * np.pi * u / _u(rng, n, 10.0, 16.0))
   return 0.5 + 0.5 * np.sin(2 * np.pi * (v + bend) / _u(rng, n, 4.0, 6.0))
 
@@ -137,7 +135,7 @@ def rays(rng, n):
 
 
 def plaid(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, np.pi / 2))
+  u, v = _frame(_u(rng, n, 0, np.pi / 2))
   a = np.sin(2 * np.pi * u * _u(rng, n, 3, 5) / 32 + _u(rng, n, 0, 6.3))
   b = np.sin(2 * np.pi * v * _u(rng, n, 3, 5) / 32 + _u(rng, n, 0, 6.3))
   return 0.5 + 0.25 * (a + b)
@@ -146,7 +144,7 @@ def plaid(rng, n):
 def line_grid(angle_deg: float) -> Field:
   def field(rng, n):
     angle = np.deg2rad(angle_deg) + _u(rng, n, -np.deg2rad(8), np.deg2rad(8))
-    u, v = _frame(rng, n, angle)
+    u, v = _frame(angle)
     period, duty = _u(rng, n, 5.0, 8.0), _u(rng, n, 0.15, 0.25)
     return np.maximum(_stripes(u + _u(rng, n, 0, 8), period, duty),
                       _stripes(v + _u(rng, n, 0, 8), period, duty))
@@ -185,7 +183,7 @@ def cells(rng, n):
 def hexagons(rng, n):
   """Edges of a hexagonal tiling: the nearest centre comes from two offset
   rectangular lattices; the distance to the cell edge from its hexagonal norm."""
-  u, v = _frame(rng, n, _u(rng, n, 0, np.pi / 3))
+  u, v = _frame(_u(rng, n, 0, np.pi / 3))
   side = _u(rng, n, 8.0, 12.0)  # Distance between neighbouring centres.
   height = side * math.sqrt(3)
   u, v = u + _u(rng, n, 0, 8), v + _u(rng, n, 0, 8)
@@ -209,13 +207,13 @@ def spiral(rng, n):
 
 
 def concentric_squares(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, np.pi / 2), (_u(rng, n, 8, 24), _u(rng, n, 8, 24)))
+  u, v = _frame(_u(rng, n, 0, np.pi / 2), (_u(rng, n, 8, 24), _u(rng, n, 8, 24)))
   d = np.maximum(np.abs(u), np.abs(v))
   return 0.5 + 0.5 * np.cos(2 * np.pi * d / _u(rng, n, 4.0, 7.0) + _u(rng, n, 0, 6.3))
 
 
 def bricks(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
+  u, v = _frame(_u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
   height = _u(rng, n, 4.0, 6.0)
   width = height * _u(rng, n, 1.8, 2.6)
   v = v + _u(rng, n, 0, 8)
@@ -229,7 +227,7 @@ def bricks(rng, n):
 
 
 def zigzag(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, 2 * np.pi))
+  u, v = _frame(_u(rng, n, 0, 2 * np.pi))
   span = _u(rng, n, 6.0, 10.0)
   tri = 2 * np.abs(np.mod(u / span, 1.0) - 0.5)  # Triangle wave in [0, 1].
   return _stripes(v + _u(rng, n, 2.0, 4.0) * tri + _u(rng, n, 0, 8),
@@ -237,7 +235,7 @@ def zigzag(rng, n):
 
 
 def marble(rng, n):
-  u, _ = _frame(rng, n, _u(rng, n, 0, np.pi))
+  u, _ = _frame(_u(rng, n, 0, np.pi))
   turbulence = _u(rng, n, 3.0, 6.0) * _fractal(rng, n, (2, 4, 8))
   return 0.5 + 0.5 * np.sin(2 * np.pi * u / _u(rng, n, 6.0, 10.0) + turbulence)
 
@@ -252,7 +250,7 @@ def _cell_bits(rng, n, u, v, cell):
 
 
 def truchet(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, 0, np.pi / 2))
+  u, v = _frame(_u(rng, n, 0, np.pi / 2))
   cell = _u(rng, n, 6.0, 9.0)
   bit, fu, fv = _cell_bits(rng, n, u + 100, v + 100, cell)
   fu = np.where(bit, 1 - fu, fu)  # Mirror: arcs around the other corner pair.
@@ -262,7 +260,7 @@ def truchet(rng, n):
 
 
 def maze(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
+  u, v = _frame(_u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
   cell = _u(rng, n, 4.0, 6.0)
   bit, fu, fv = _cell_bits(rng, n, u + 100, v + 100, cell)
   d = np.where(bit, fu - fv, fu + fv - 1) * cell / math.sqrt(2)  # Distance to '\' or '/'.
@@ -270,7 +268,7 @@ def maze(rng, n):
 
 
 def weave(rng, n):
-  u, v = _frame(rng, n, _u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
+  u, v = _frame(_u(rng, n, -np.deg2rad(8), np.deg2rad(8)))
   cell = _u(rng, n, 6.0, 9.0)
   u, v = u + 100 + _u(rng, n, 0, 9), v + 100 + _u(rng, n, 0, 9)
   across = np.mod(np.floor(u / cell) + np.floor(v / cell), 2) == 1
