@@ -143,10 +143,6 @@ class RenderedConfig(tfds.core.BuilderConfig):
   split_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _is_count(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
-
-
 def _rendered_config(what: str, dataset: str, description: str, seed: int,
                      sizes: Mapping[str, int], defaults: Mapping[str, int],
                      name: str | None) -> RenderedConfig:
@@ -156,9 +152,9 @@ def _rendered_config(what: str, dataset: str, description: str, seed: int,
     raise ValueError(f"{what}: split_sizes must have exactly the splits "
                      f"{sorted(defaults)}, got {sorted(sizes)}.")
   for split, n in sizes.items():
-    if not _is_count(n) or n == 0:
+    if not render.core.is_count(n) or n == 0:
       raise ValueError(f"{what}: split {split!r} needs a positive int size, got {n!r}.")
-  if not _is_count(seed):
+  if not render.core.is_count(seed):
     raise ValueError(f"{what}: seed must be a non-negative int, got {seed!r}.")
   sizes = {split: int(sizes[split]) for split in defaults}
   if name is None:

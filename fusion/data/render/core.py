@@ -40,8 +40,13 @@ def block_rng(stream: str, seed: int, block: int) -> np.random.Generator:
   return np.random.default_rng([stream_id(stream), seed, block])
 
 
+def is_count(value) -> bool:
+  """Whether `value` is a non-negative int (numpy ints too, bools not)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
 def _check_count(name: str, value: int) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+  if not is_count(value):
     raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
 
 
