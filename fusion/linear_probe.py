@@ -130,16 +130,21 @@ def load_tasks(config) -> list:
   return [tasks_lib.get(name) for name in config.tasks]
 
 
+def extract(config, backbone, task, split: str,
+            mesh: jax.sharding.Mesh) -> features_lib.FeatureSet:
+  """Cached features of one split, with the job config's batch size and cache."""
+  return features_lib.extract(backbone, task, split, mesh=mesh,
+                              batch_size=config.batch_size,
+                              cache_dir=config.get("cache_dir") or None)
+
+
 def probe_hub(config, workdir: str | None, backbones, task_list,
               mesh: jax.sharding.Mesh) -> list[dict]:
   """Linear-probe result rows for every (task, backbone), in that order."""
-  cache_dir = config.get("cache_dir") or None
   rows = []
   pairs = [(t, b) for t in task_list for b in backbones]
   for task, backbone in tqdm.tqdm(pairs, desc="linear probes", unit="probe"):
-    splits = {s: features_lib.extract(backbone, task, s, mesh=mesh,
-                                      batch_size=config.batch_size,
-                                      cache_dir=cache_dir) for s in SPLITS}
+    splits = {s: extract(config, backbone, task, s, mesh) for s in SPLITS}
     result = probe(splits, task.num_classes, config.probe, mesh=mesh,
                    seed=config.seed, workdir=workdir,
                    run_name=f"linear_probe/{task.name}/{backbone.name}")

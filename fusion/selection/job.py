@@ -36,7 +36,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from fusion import features as features_lib
 from fusion import linear_probe
 from fusion import report
 from fusion import sharding
@@ -143,18 +142,12 @@ def entries(cfg) -> list[Entry]:
 # ------------------------------------------------------------------ scoring
 
 
-def _extract(config, backbone, task, split: str, mesh) -> features_lib.FeatureSet:
-  return features_lib.extract(backbone, task, split, mesh=mesh,
-                              batch_size=config.batch_size,
-                              cache_dir=config.get("cache_dir") or None)
-
-
 def _hub_features(config, backbones, task, split: str, mesh
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """{model: features [N, D]} and the labels all models share."""
   feats, labels = {}, None
   for backbone in backbones:
-    fs = _extract(config, backbone, task, split, mesh)
+    fs = linear_probe.extract(config, backbone, task, split, mesh)
     if labels is None:
       labels = fs.labels
     elif not np.array_equal(fs.labels, labels):
