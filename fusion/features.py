@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import tqdm
 
 import fusion
 from fusion import hub
+from fusion import io
 from fusion import sharding
 
 # Bump when the extraction itself changes meaning (pooling, dtype, ...).
@@ -119,15 +119,6 @@ def fingerprint(backbone: hub.Backbone, task, split: str) -> tuple[str, dict[str
   return digest[:32], inputs
 
 
-def sha256_file(path: str) -> str:
-  """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _load_cached(directory: str, key: str) -> FeatureSet | None:
   """The cached entry, or None if it is missing, incomplete or corrupt."""
   meta_path = os.path.join(directory, key + ".json")
@@ -137,7 +128,7 @@ def _load_cached(directory: str, key: str) -> FeatureSet | None:
   try:
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta["fingerprint"] != key or meta["sha256"] != sha256_file(data_path):
+    if meta["fingerprint"] != key or meta["sha256"] != io.sha256_file(data_path):
       raise ValueError("fingerprint or checksum mismatch")
     with np.load(data_path, allow_pickle=False) as data:
       features, labels = data["features"], data["labels"]
@@ -150,31 +141,18 @@ def _load_cached(directory: str, key: str) -> FeatureSet | None:
   return FeatureSet(features, labels, key)
 
 
-def _atomic_write(directory: str, name: str, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, os.path.join(directory, name))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _save_cached(directory: str, key: str, inputs: dict, fs: FeatureSet) -> None:
   os.makedirs(directory, exist_ok=True)
-  _atomic_write(directory, key + ".npz",
-                lambda f: np.savez(f, features=fs.features, labels=fs.labels))
+  io.atomic_write(os.path.join(directory, key + ".npz"),
+                 lambda f: np.savez(f, features=fs.features, labels=fs.labels))
   meta = {
       "fingerprint": key,
       "inputs": inputs,
       "num_examples": int(fs.features.shape[0]),
       "feature_dim": int(fs.features.shape[1]),
-      "sha256": sha256_file(os.path.join(directory, key + ".npz")),
+      "sha256": io.sha256_file(os.path.join(directory, key + ".npz")),
   }
-  _atomic_write(directory, key + ".json",
-                lambda f: f.write(json.dumps(meta, indent=1).encode()))
+  io.write_json(os.path.join(directory, key + ".json"), meta)
 
 
 def extract(backbone: hub.Backbone, task, split: str, *,

@@ -53,9 +53,8 @@ import optax
 import tqdm
 
 import fusion
-from fusion import features
 from fusion import hub
-from fusion import report
+from fusion import io
 from fusion import sharding
 from fusion import train
 
@@ -366,7 +365,7 @@ def is_complete(directory: str) -> bool:
     with open(os.path.join(directory, COMPLETE)) as f:
       marker = json.load(f)
     return (os.path.isfile(os.path.join(directory, ENTRY)) and
-            marker.get(WEIGHTS) == features.sha256_file(os.path.join(directory, WEIGHTS)))
+            marker.get(WEIGHTS) == io.sha256_file(os.path.join(directory, WEIGHTS)))
   except (OSError, ValueError, AttributeError):
     return False
 
@@ -465,9 +464,9 @@ def build_model(entry: Mapping[str, Any], recipe: Mapping[str, Any], root: str,
           "pretext_accuracy": accuracy,
           "build_seconds": round(earlier + time.time() - t0, 2),
       }
-      report.write_atomic(os.path.join(staging, ENTRY), json.dumps(result, indent=1))
-      report.write_atomic(os.path.join(staging, COMPLETE), json.dumps(
-          {WEIGHTS: features.sha256_file(os.path.join(staging, WEIGHTS))}))
+      io.write_atomic(os.path.join(staging, ENTRY), json.dumps(result, indent=1))
+      io.write_atomic(os.path.join(staging, COMPLETE), json.dumps(
+          {WEIGHTS: io.sha256_file(os.path.join(staging, WEIGHTS))}))
       if is_complete(target):  # Another process finished it meanwhile: keep theirs.
         shutil.rmtree(staging)
         result = _read_entry(target)
@@ -479,7 +478,7 @@ def build_model(entry: Mapping[str, Any], recipe: Mapping[str, Any], root: str,
       shutil.rmtree(staging, ignore_errors=True)
       raise
   except BaseException:
-    report.write_atomic(seconds_file, json.dumps({"seconds": earlier + time.time() - t0}))
+    io.write_atomic(seconds_file, json.dumps({"seconds": earlier + time.time() - t0}))
     raise
   shutil.rmtree(work, ignore_errors=True)
   return result
@@ -505,7 +504,7 @@ def build(config) -> list[dict[str, str]]:
   if os.path.isfile(manifest) and all(is_complete(os.path.join(root, n)) for n in names):
     return _specs(recipe, root)
   os.makedirs(root, exist_ok=True)
-  report.write_atomic(os.path.join(root, "recipe.json"), json.dumps(recipe, indent=1))
+  io.write_atomic(os.path.join(root, "recipe.json"), json.dumps(recipe, indent=1))
   mesh = sharding.make_mesh()
   entries = []
   bar = tqdm.tqdm(recipe["models"], desc="offline hub", unit="model")
@@ -523,7 +522,7 @@ def build(config) -> list[dict[str, str]]:
   for leftover in os.listdir(root):  # Of builds killed mid-save.
     if leftover == ".work" or leftover.startswith(".tmp-"):
       shutil.rmtree(os.path.join(root, leftover), ignore_errors=True)
-  report.write_atomic(manifest, json.dumps(
+  io.write_atomic(manifest, json.dumps(
       {"fingerprint": os.path.basename(root), "format": FORMAT_VERSION,
        "recipe": recipe, "models": entries}, indent=1))
   return _specs(recipe, root)
@@ -559,6 +558,6 @@ def run(config, workdir: str) -> str:
   manifest = load_manifest(hub_config)
   markdown = (f"# Offline hub\n\n{len(specs)} models in `{hub_dir(hub_config)}` "
               f"(this call: {seconds:.1f} s).\n\n" + manifest_table(manifest["models"]))
-  report.write_atomic(os.path.join(workdir, MANIFEST), json.dumps(manifest, indent=1))
-  report.write_atomic(os.path.join(workdir, "results.md"), markdown)
+  io.write_atomic(os.path.join(workdir, MANIFEST), json.dumps(manifest, indent=1))
+  io.write_atomic(os.path.join(workdir, "results.md"), markdown)
   return markdown

@@ -8,30 +8,52 @@ plus method-specific fields.
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from fusion import io
+from fusion import metrics
 
 REQUIRED_FIELDS = ("task", "category", "method", "test_accuracy", "test_nll",
                    "test_ece", "inference_gflops")
 CATEGORY_ORDER = ("natural", "specialized", "structured")
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file, so no half file remains."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+# Wall-clock fields: they differ between two otherwise identical runs.
+WALL_TIME_FIELDS = ("train_seconds",)
+
+
+def row(task, method: str, result, unit: str | None = None) -> dict[str, Any]:
+  """The results row of one method's Result on one task.
+
+  Test accuracy, NLL and ECE (and val200's, and those of any further split
+  such as `test_shift`, keyed `shift_*`) come from the Result's logits
+  through `fusion.metrics`; no method builds rows by hand.
+  """
+  p = result.predictions
+  members = list(result.members)
+  out: dict[str, Any] = {"task": task.name, "category": task.category, "method": method}
+  if len(members) == 1:
+    out["model"] = members[0]
+  else:
+    out["members"] = members
+  for split in p.splits:
+    prefix = {"val200": "val_", "test": "test_"}.get(split, split.removeprefix("test_") + "_")
+    out.update(metrics.classification_metrics(p.logits[split], p.labels[split], prefix))
+  out.update(inference_gflops=float(result.inference_gflops),
+             train_steps=int(result.train_steps),
+             train_examples=int(result.train_examples),
+             train_seconds=float(result.train_seconds))
+  if unit is not None:
+    out["unit"] = unit
+  clashes = sorted(set(result.fields) & set(out))
+  if clashes:
+    raise ValueError(f"Method {method!r} returned fields {clashes} that the report computes "
+                     "itself; rename them.")
+  out.update(result.fields)
+  return out
 
 
 def column_name(row: Mapping[str, Any]) -> str:
@@ -48,14 +70,6 @@ def check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
     if missing:
       raise ValueError(f"Result row {dict(row)} lacks fields {missing}.")
     column_name(row)
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f"Not JSON serialisable: {type(value)}")
 
 
 def _sort_tasks(tasks: Mapping[str, str]) -> list[str]:
@@ -119,8 +133,7 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   """
   check_rows(rows)
   payload = {"rows": list(rows), **(extra or {})}
-  write_atomic(os.path.join(workdir, "results.json"),
-               json.dumps(payload, indent=1, default=_json_default))
+  io.write_json(os.path.join(workdir, "results.json"), payload)
   methods = list(dict.fromkeys(r["method"] for r in rows))
   if table_methods is not None:
     methods = [m for m in methods if m in table_methods]
@@ -132,16 +145,15 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   for heading, body in sections:
     parts.append(f"\n## {heading}\n\n{body}")
   markdown = "".join(parts)
-  write_atomic(os.path.join(workdir, "results.md"), markdown)
+  io.write_atomic(os.path.join(workdir, "results.md"), markdown)
   return markdown
 
 
 def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | None = None,
                  value: str = "test_accuracy", title: str = "") -> None:
   """A tasks x models heatmap of `value` (percent), saved as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   rows = [r for r in rows if method is None or r["method"] == method]
   tasks = _sort_tasks({r["task"]: r["category"] for r in rows})
@@ -149,7 +161,11 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | Non
   grid = np.full((len(tasks), len(columns)), np.nan)
   for r in rows:
     grid[tasks.index(r["task"]), columns.index(column_name(r))] = 100 * float(r[value])
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(tasks)))
+  # A Figure of its own, not pyplot: the caller's backend (inline plots in a
+  # notebook) stays as it is.
+  fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(tasks)))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   im = ax.imshow(grid, cmap="viridis", aspect="auto")
   ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
   ax.set_yticks(range(len(tasks)), tasks)
@@ -162,4 +178,3 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | Non
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
