@@ -18,7 +18,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
+      hint = ""
+      if not sep:
+        hint = (" Arguments are separated by ',' and names within one by '+', e.g. "
+                "tasks=digits+mixed,seed=1.")
+      raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.{hint}")
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):

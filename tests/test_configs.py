@@ -1,17 +1,26 @@
 """Every config file builds, names only known tasks, models and jobs, and
 rejects unknown names in its arg."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from configs import build_hub, demo, vtab1k
 from fusion import main
+from fusion import methods
+from fusion import suite
 from fusion import offline_hub
 from fusion.data import tasks as tasks_lib
 from fusion.selection import job as select_job
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_demo_is_the_offline_default():
   config = demo.get_config()
-  assert config.job == "select" and main.job_module(config) is select_job
+  assert config.job == "suite" and main.job_module(config) is suite
+  assert set(config.methods) <= set(methods.METHODS)
   assert tuple(config.tasks) == tasks_lib.OFFLINE_TASKS
   assert offline_hub.fingerprint(config.offline_hub) == offline_hub.fingerprint(
       build_hub.get_config().offline_hub)  # The hub that configs/build_hub.py builds.
@@ -23,7 +32,7 @@ def test_demo_is_the_offline_default():
 
 def test_vtab1k_probes_and_selects_the_19_tasks():
   config = vtab1k.get_config()
-  assert main.job_module(config).__name__ == "fusion.linear_probe"
+  assert main.job_module(config) is suite
   assert len(config.tasks) == 19 and set(config.tasks) <= set(tasks_lib.TASKS)
   assert {tasks_lib.TASKS[t].category for t in config.tasks} == {
       "natural", "specialized", "structured"}
@@ -31,3 +40,11 @@ def test_vtab1k_probes_and_selects_the_19_tasks():
   select_job.entries(config.select)
   config.job = "select"
   assert main.job_module(config) is select_job
+
+
+def test_loading_the_demo_config_does_not_import_tensorflow():
+  code = ("import sys; sys.path.insert(0, 'configs'); import demo; demo.get_config(); "
+          "print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, check=True).stdout
+  assert out.strip() == "False"

@@ -5,7 +5,8 @@ import pytest
 
 from fusion import config_lib
 from fusion import features as features_lib
-from fusion import linear_probe
+from fusion import metrics
+from fusion.methods import linear_probe
 from fusion import sharding
 
 NUM_CLASSES = 4
@@ -28,15 +29,12 @@ def test_standardizer_matches_numpy_float64():
   np.testing.assert_allclose(norm(y), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_evaluate_head_matches_numpy_reference():
+def test_head_logits_match_numpy_reference():
   rng = np.random.default_rng(2)
   params = {"kernel": rng.normal(size=(5, 3)), "bias": rng.normal(size=3)}
-  x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
-  out = linear_probe.evaluate_head(params, x, y, "test_")
-  logits = x @ params["kernel"] + params["bias"]
-  log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-  np.testing.assert_allclose(out["test_nll"], -log_probs[np.arange(40), y].mean(), rtol=1e-6)
-  assert out["test_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y))
+  x = rng.normal(size=(40, 5))
+  np.testing.assert_allclose(linear_probe.logits_of(params, x),
+                             x @ params["kernel"] + params["bias"], rtol=1e-12)
 
 
 def test_probe_sweeps_on_val200_and_retrains_on_train800val200():
@@ -48,14 +46,18 @@ def test_probe_sweeps_on_val200_and_retrains_on_train800val200():
   splits = {"train800": _blobs(rng, 160, means), "val200": _blobs(rng, 80, means),
             "train800val200": _blobs(rng, 240, moved), "test": _blobs(rng, 200, moved)}
   config = config_lib.probe_config(learning_rates=(1e-4, 1e-1), steps=150, batch_size=64)
-  result = linear_probe.probe(splits, NUM_CLASSES, config, mesh=sharding.make_mesh(), seed=0)
+  preds, result = linear_probe.probe(splits, NUM_CLASSES, config, mesh=sharding.make_mesh(),
+                                     seed=0)
+  val = metrics.classification_metrics(preds.logits["val200"], preds.labels["val200"], "")
+  test = metrics.classification_metrics(preds.logits["test"], preds.labels["test"], "")
+  np.testing.assert_array_equal(preds.labels["test"], splits["test"].labels)
 
   assert set(result["sweep"]) == {"0.0001", "0.1"}
   best = max(result["sweep"].values())
-  assert result["sweep"][f"{result['learning_rate']:g}"] == best == result["val_accuracy"]
+  assert result["sweep"][f"{result['learning_rate']:g}"] == best == val["accuracy"]
   assert result["learning_rate"] == 0.1  # 150 steps at 1e-4 barely move a zero head.
-  assert result["test_accuracy"] > 0.95
-  assert result["test_nll"] < 0.5 and 0 <= result["test_ece"] < 0.2
+  assert test["accuracy"] > 0.95
+  assert test["nll"] < 0.5 and 0 <= test["ece"] < 0.2
 
 
 def test_probe_rejects_an_empty_learning_rate_grid():

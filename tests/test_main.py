@@ -27,7 +27,7 @@ def _cli(*args, env=None):
 def _probe_config(hub_specs, **overrides):
   values = dict(job="linear_probe", seed=0, tasks=("digits",), hub=hub_specs,
                 batch_size=64, num_devices=0, cache_dir="",
-                probe=config_lib.probe_config(learning_rates=(1e-2, 1e-1), steps=100))
+                linear_probe=config_lib.probe_config(learning_rates=(1e-2, 1e-1), steps=100))
   return ml_collections.ConfigDict({**values, **overrides})
 
 
@@ -38,7 +38,7 @@ def test_linear_probe_job_writes_every_output(tmp_path, monkeypatch):
   workdir = str(tmp_path / "work")
   markdown = main.run(_probe_config(specs), workdir)
 
-  for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
+  for name in ("config.json", "metrics.jsonl", "rows.jsonl", "results.json", "results.md",
                "plots/linear_probe.png"):
     assert os.path.exists(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, "config.json")) as f:
@@ -69,7 +69,7 @@ def test_unknown_job_and_task_are_named(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/vtab1k.py", "--config.nope=1"], "unknown config key.*nope"),
-    (["--config", "configs/vtab1k.py", "--config.probe.stepz=3"], "stepz"),
+    (["--config", "configs/vtab1k.py", "--config.linear_probe.stepz=3"], "stepz"),
     (["--config", "configs/vtab1k.py", "--config.seed=abc"], "config.seed=abc"),
     (["--config", "configs/vtab1k.py", "--config.job=bogus"], "Unknown job 'bogus'"),
     (["--config", "configs/vtab1k.py:models=bogus"], r"Unknown models \['bogus'\]"),

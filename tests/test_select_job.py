@@ -27,7 +27,7 @@ def _select_config(specs, **select_overrides):
   select.update(select_overrides)
   return ml_collections.ConfigDict(dict(
       job="select", seed=0, tasks=("digits",), hub=specs, batch_size=64, num_devices=0,
-      cache_dir="", probe=config_lib.probe_config(learning_rates=(1e-2, 1e-1), steps=60),
+      cache_dir="", linear_probe=config_lib.probe_config(learning_rates=(1e-2, 1e-1), steps=60),
       select=select))
 
 

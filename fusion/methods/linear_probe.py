@@ -1,27 +1,32 @@
-"""Linear-probe job: a linear head on frozen, cached features of each hub model.
+"""Linear probe: a linear head on frozen, cached features of one hub model.
 
-Per (task, backbone): features of train800, val200, train800val200 and test;
-a softmax-regression head per learning rate on train800, the learning rate
-with the best val200 accuracy (ties: lower NLL) retrained on train800val200,
-reported on test (top-1, NLL, 15-bin ECE).
+VTAB-1k protocol: a softmax-regression head per learning rate on train800, the
+learning rate with the best val200 accuracy (ties: lower NLL) retrained on
+train800val200; val200 predictions come from the chosen train800 head, test
+predictions from the retrained one. Features are standardised with the
+statistics of the split the head trains on.
 """
 import dataclasses
-import logging
-import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
+from fusion import config_lib
 from fusion import features as features_lib
 from fusion import hub
 from fusion import metrics
-from fusion import report
+from fusion import predictions
 from fusion import sharding
 from fusion import train
+
+MEMBERS = "each"
+
+
+def default_config():
+  return config_lib.probe_config()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +60,19 @@ def _loss_fn(params, batch, rng):
   return loss, {"accuracy": accuracy}
 
 
+def _batch_size(num_examples: int, config, mesh: jax.sharding.Mesh) -> int:
+  """The configured batch, at most the split, a multiple of the data axis."""
+  batch_size = min(config.batch_size, num_examples)
+  return batch_size - batch_size % sharding.data_size(mesh)
+
+
 def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, *, learning_rate: float,
              config, mesh: jax.sharding.Mesh, seed: int, workdir: str | None = None,
              run_name: str = "probe") -> dict[str, np.ndarray]:
   """Trains a zero-initialised linear head on standardised features."""
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
-  batch_size = min(config.batch_size, len(x))
-  batch_size -= batch_size % sharding.data_size(mesh)
+  batch_size = _batch_size(len(x), config, mesh)
 
   def batch_fn(step: int) -> dict[str, np.ndarray]:
     # A fresh sample per step, a pure function of (seed, step): resumable.
@@ -80,17 +90,24 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, *, learning_rate: f
   return jax.tree.map(np.asarray, state.params)
 
 
-def evaluate_head(params, x: np.ndarray, y: np.ndarray, prefix: str) -> dict[str, float]:
-  logits = np.asarray(x, np.float64) @ params["kernel"] + params["bias"]
-  return metrics.classification_metrics(logits, y, prefix=prefix)
+def logits_of(params, x: np.ndarray) -> np.ndarray:
+  return np.asarray(x, np.float64) @ params["kernel"] + params["bias"]
+
+
+def validate_config(config) -> None:
+  if not config.learning_rates:
+    raise ValueError("linear_probe.learning_rates is empty; give at least one.")
+  for key in ("steps", "batch_size"):
+    if not int(config[key]) >= 1:
+      raise ValueError(f"linear_probe.{key}={config[key]!r} must be >= 1.")
+  train.parse_config({**config.optimizer.to_dict(), "learning_rate": 1.0}, int(config.steps))
 
 
 def probe(splits: Mapping[str, features_lib.FeatureSet], num_classes: int, config, *,
           mesh: jax.sharding.Mesh, seed: int, workdir: str | None = None,
-          run_name: str = "probe") -> dict:
-  """The learning-rate sweep, then the final head; returns the result fields."""
-  if not config.learning_rates:
-    raise ValueError("config.probe.learning_rates is empty; give at least one.")
+          run_name: str = "probe") -> tuple[predictions.Predictions, dict]:
+  """The learning-rate sweep, then the final head: (Predictions, method fields)."""
+  validate_config(config)
   train_fs, val_fs = splits["train800"], splits["val200"]
   norm = Standardizer.fit(train_fs.features)
   sweep = []
@@ -98,72 +115,42 @@ def probe(splits: Mapping[str, features_lib.FeatureSet], num_classes: int, confi
     params = fit_head(norm(train_fs.features), train_fs.labels, num_classes,
                       learning_rate=lr, config=config, mesh=mesh, seed=seed,
                       workdir=workdir, run_name=f"{run_name}/lr={lr:g}")
-    val = evaluate_head(params, norm(val_fs.features), val_fs.labels, "val_")
-    sweep.append((-val["val_accuracy"], val["val_nll"], lr, val))
-  _, _, best_lr, best_val = min(sweep, key=lambda s: s[:2])
+    logits = logits_of(params, norm(val_fs.features))
+    val = metrics.classification_metrics(logits, val_fs.labels, "val_")
+    sweep.append((-val["val_accuracy"], val["val_nll"], lr, logits, val))
+  _, _, best_lr, val_logits, _ = min(sweep, key=lambda s: s[:2])
 
   final_fs, test_fs = splits["train800val200"], splits["test"]
   norm = Standardizer.fit(final_fs.features)
   params = fit_head(norm(final_fs.features), final_fs.labels, num_classes,
                     learning_rate=best_lr, config=config, mesh=mesh, seed=seed,
                     workdir=workdir, run_name=f"{run_name}/final")
-  return {**evaluate_head(params, norm(test_fs.features), test_fs.labels, "test_"),
-          **best_val, "learning_rate": best_lr,
-          "sweep": {f"{s[2]:g}": s[3]["val_accuracy"] for s in sweep}}
+  preds = predictions.Predictions(
+      {"val200": val_logits, "test": logits_of(params, norm(test_fs.features))},
+      {"val200": val_fs.labels, "test": test_fs.labels})
+  fields = {"learning_rate": best_lr,
+            "sweep": {f"{s[2]:g}": s[4]["val_accuracy"] for s in sweep},
+            "train_steps": (len(sweep) + 1) * config.steps,
+            "train_examples": config.steps * (
+                len(sweep) * _batch_size(len(train_fs.labels), config, mesh) +
+                _batch_size(len(final_fs.labels), config, mesh))}
+  return preds, fields
 
 
-SPLITS = ("train800", "val200", "train800val200", "test")
+def head_gflops(feature_dim: int, num_classes: int) -> float:
+  return 2 * feature_dim * num_classes / 1e9
 
 
-def load_hub(config) -> list[hub.Backbone]:
-  """The config's hub: `config.offline_hub` (built here on first use) or `config.hub`."""
-  if config.get("offline_hub") is not None:
-    from fusion import offline_hub  # Builds the embedded default hub when missing.
-    return hub.load_hub(offline_hub.build(config.offline_hub))
-  return hub.load_hub(config.hub)
-
-
-def load_tasks(config) -> list:
-  from fusion.data import tasks as tasks_lib  # TF/TFDS only where data is read.
-  if not config.tasks:
-    raise ValueError("config.tasks is empty; name at least one task.")
-  return [tasks_lib.get(name) for name in config.tasks]
-
-
-def extract(config, backbone, task, split: str,
-            mesh: jax.sharding.Mesh) -> features_lib.FeatureSet:
-  """Cached features of one split, with the job config's batch size and cache."""
-  return features_lib.extract(backbone, task, split, mesh=mesh,
-                              batch_size=config.batch_size,
-                              cache_dir=config.get("cache_dir") or None)
-
-
-def probe_hub(config, workdir: str | None, backbones, task_list,
-              mesh: jax.sharding.Mesh) -> list[dict]:
-  """Linear-probe result rows for every (task, backbone), in that order."""
-  rows = []
-  pairs = [(t, b) for t in task_list for b in backbones]
-  for task, backbone in tqdm.tqdm(pairs, desc="linear probes", unit="probe"):
-    splits = {s: extract(config, backbone, task, s, mesh) for s in SPLITS}
-    result = probe(splits, task.num_classes, config.probe, mesh=mesh,
-                   seed=config.seed, workdir=workdir,
-                   run_name=f"linear_probe/{task.name}/{backbone.name}")
-    rows.append({"task": task.name, "category": task.category,
-                 "method": "linear_probe", "model": backbone.name,
-                 "inference_gflops": hub.inference_gflops(backbone),
-                 "feature_dim": backbone.feature_dim, **result})
-    logging.info("%s %s: test accuracy %.1f%% (learning rate %g)", task.name,
-                 backbone.name, 100 * result["test_accuracy"], result["learning_rate"])
-  return rows
-
-
-def run(config, workdir: str) -> str:
-  """The linear-probe job: results.json, results.md and a heatmap under `workdir`."""
-  task_list = load_tasks(config)
-  backbones = load_hub(config)
-  mesh = sharding.make_mesh(config.get("num_devices") or None)
-  rows = probe_hub(config, workdir, backbones, task_list, mesh)
-  markdown = report.write_results(workdir, rows)
-  report.plot_heatmap(rows, os.path.join(workdir, "plots", "linear_probe.png"),
-                      method="linear_probe", title="Linear probe test accuracy (%)")
-  return markdown
+def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
+  backbone, = members
+  splits = {s: ctx.features(backbone, task, s) for s in ("train800", "val200",
+                                                          "train800val200", "test")}
+  preds, fields = probe(splits, task.num_classes, config, mesh=ctx.mesh, seed=seed,
+                        workdir=ctx.workdir,
+                        run_name=f"linear_probe/{task.name}/{backbone.name}")
+  return predictions.Result(
+      preds, members=(backbone.name,),
+      inference_gflops=hub.inference_gflops(backbone) + head_gflops(
+          backbone.feature_dim, task.num_classes),
+      train_steps=fields.pop("train_steps"), train_examples=fields.pop("train_examples"),
+      fields={**fields, "feature_dim": backbone.feature_dim})

@@ -31,14 +31,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from fusion import linear_probe
+from fusion import experiment
+from fusion import io
+from fusion import methods
 from fusion import report
-from fusion import sharding
 from fusion import selection
 from fusion.selection import ranking
 from fusion.selection import reference as reference_lib
@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
           "parc": {"pca_dim": 32},
       },
       "split": "train800val200",
-      # "linear_probe": computed in this job (config.probe); "none": rankings only;
+      # "linear_probe": computed in this job (config.linear_probe); "none": rankings only;
       # else the path of an earlier job's results.json.
       "ground_truth": "linear_probe",
       "ground_truth_method": "linear_probe",
@@ -142,12 +142,12 @@ def entries(cfg) -> list[Entry]:
 # ------------------------------------------------------------------ scoring
 
 
-def _hub_features(config, backbones, task, split: str, mesh
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _hub_features(ctx, task, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """{model: features [N, D]} and the labels all models share."""
   feats, labels = {}, None
+  backbones = ctx.backbones
   for backbone in backbones:
-    fs = linear_probe.extract(config, backbone, task, split, mesh)
+    fs = ctx.features(backbone, task, split)
     if labels is None:
       labels = fs.labels
     elif not np.array_equal(fs.labels, labels):
@@ -194,20 +194,18 @@ def _taxonomy(feats: Mapping[str, np.ndarray], cfg) -> dict[str, Any]:
           "linkage": linkage.tolist(), "method": cfg.method}
 
 
-def rank_task(config, task, backbones, entry_list: Sequence[Entry], mesh,
-              workdir: str) -> dict[str, Any]:
+def rank_task(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str, Any]:
   """Scores, rankings, reference and taxonomy of one task (rankings.json's part)."""
-  cfg = config.select
+  cfg = ctx.config.select
   active = [e for e in entry_list if not e.skipped]
-  feats, labels = _hub_features(config, backbones, task, cfg.split, mesh)
+  feats, labels = _hub_features(ctx, task, cfg.split)
   out: dict[str, Any] = {"category": task.category, "split": cfg.split,
                          "num_examples": int(len(labels)), "scores": {}, "rankings": {}}
   needs_reference = [e for e in active if e.reference == "model"]
   probe = None
   if needs_reference:
-    ref = reference_lib.train_reference(task, cfg.reference, seed=config.seed, workdir=workdir)
-    probe_feats, probe_labels = _hub_features(config, backbones, task,
-                                              cfg.reference.probe_split, mesh)
+    ref = reference_lib.train_reference(task, cfg.reference, seed=ctx.seed, workdir=workdir)
+    probe_feats, probe_labels = _hub_features(ctx, task, cfg.reference.probe_split)
     if not np.array_equal(probe_labels, ref.labels):
       raise ValueError(f"task {task.name!r}: the reference CNN's {cfg.reference.probe_split} "
                        "labels differ from those of the cached hub features; clear the "
@@ -398,51 +396,42 @@ def _notes(entry_list, per_task, source: str, split: str) -> str:
 # ------------------------------------------------------------------ job
 
 
-def run(config, workdir: str) -> str:
-  """The select job; writes rankings.json, results.json, results.md and plots/."""
+def check_config(config) -> None:
+  """Clear errors for a select config that cannot run, before any work."""
   if config.get("select") is None:
     raise ValueError("config.select is missing; embed fusion.selection.job.default_config().")
   cfg = config.select
-  entry_list = entries(cfg)
+  entries(cfg)
   _check_ground_truth(cfg)
-  if cfg.ground_truth == "linear_probe" and config.get("probe") is None:
+  if cfg.ground_truth == "linear_probe" and config.get("linear_probe") is None:
     raise ValueError("select.ground_truth='linear_probe' trains linear probes here and needs "
-                     "config.probe (fusion.config_lib.probe_config()); or pass the "
+                     "config.linear_probe (fusion.config_lib.probe_config()); or pass the "
                      "results.json of an earlier linear_probe job.")
   if int(cfg.models_per_call) < 1:
     raise ValueError(f"select.models_per_call={cfg.models_per_call!r} must be >= 1.")
-  task_list = linear_probe.load_tasks(config)
-  for task in task_list:
+  for task in experiment.load_tasks(config.tasks):
     if cfg.split not in task.splits:
       raise ValueError(f"select.split={cfg.split!r} is not a split of task {task.name!r}; "
                        f"valid: {sorted(task.splits)}.")
-  gt_rows = None
-  if cfg.ground_truth not in GROUND_TRUTHS:  # read it before the expensive part
-    gt_rows = _rows_from_file(cfg.ground_truth, cfg.ground_truth_method)
-  backbones = linear_probe.load_hub(config)
-  if len(backbones) < 2:
-    raise ValueError(f"the select job ranks models and needs at least 2 in the hub; got "
-                     f"{[b.name for b in backbones]}.")
-  mesh = sharding.make_mesh(config.get("num_devices") or None)
-  models = [b.name for b in backbones]
 
-  per_task = {}
-  for task in task_list:
-    per_task[task.name] = rank_task(config, task, backbones, entry_list, mesh, workdir)
+
+def evaluate(ctx, task_list, gt_rows, workdir: str, source: str
+             ) -> tuple[list[dict], list[tuple[str, str]]]:
+  """Ranks the hub on every task; scores the rankings against `gt_rows` (or None).
+
+  Writes rankings.json and plots/ under `workdir`; returns the select/<estimator>
+  rows (each estimator's pick with its ground-truth metrics) and the results.md
+  sections.
+  """
+  cfg = ctx.config.select
+  entry_list = entries(cfg)
+  if len(ctx.backbones) < 2:
+    raise ValueError(f"the select job ranks models and needs at least 2 in the hub; got "
+                     f"{ctx.model_names}.")
+  models = ctx.model_names
+  per_task = {task.name: rank_task(ctx, task, entry_list, workdir) for task in task_list}
 
   rows: list[dict] = []
-  source = cfg.ground_truth
-  if cfg.ground_truth == "linear_probe":
-    gt_rows = linear_probe.probe_hub(config, workdir, backbones, task_list, mesh)
-    rows.extend(gt_rows)
-    report.plot_heatmap(gt_rows, os.path.join(workdir, "plots", "linear_probe.png"),
-                        method="linear_probe", title="Linear probe test accuracy (%)")
-    source = "linear probes trained in this job"
-  elif gt_rows is not None:
-    source = f"`{cfg.ground_truth_method}` rows of {cfg.ground_truth}"
-  else:
-    source = "none (rankings only)"
-
   active = [e.name for e in entry_list if not e.skipped]
   sections = []
   table = accuracies = None
@@ -476,19 +465,33 @@ def run(config, workdir: str) -> str:
                      for e in entry_list},
       "tasks": per_task, "evaluation": table,
   }
-  report.write_atomic(os.path.join(workdir, "rankings.json"),
-                      json.dumps(rankings, indent=1, default=_json_default))
+  io.write_json(os.path.join(workdir, "rankings.json"), rankings)
   logging.info("select: ranked %d models on %d tasks with %d estimators", len(models),
                len(task_list), len(active))
+  return rows, sections
+
+
+def run(config, workdir: str) -> str:
+  """The select job; writes rankings.json, results.json, results.md and plots/."""
+  check_config(config)
+  cfg = config.select
+  task_list = experiment.load_tasks(config.tasks)
+  gt_rows, source = None, "none (rankings only)"
+  if cfg.ground_truth not in GROUND_TRUTHS:  # read it before the expensive part
+    gt_rows = _rows_from_file(cfg.ground_truth, cfg.ground_truth_method)
+    source = f"`{cfg.ground_truth_method}` rows of {cfg.ground_truth}"
+  ctx = experiment.Context.create(config, workdir)
+  rows: list[dict] = []
+  if cfg.ground_truth == "linear_probe":
+    for task in task_list:
+      for backbone in ctx.backbones:
+        key, result = methods.run_unit(ctx, "linear_probe", task, [backbone])
+        rows.append(report.row(task, "linear_probe", result, unit=key))
+    gt_rows = list(rows)
+    report.plot_heatmap(gt_rows, os.path.join(workdir, "plots", "linear_probe.png"),
+                        method="linear_probe", title="Linear probe test accuracy (%)")
+    source = "linear probes trained in this job"
+  select_rows, sections = evaluate(ctx, task_list, gt_rows, workdir, source)
   # Each select/<estimator> row is the estimator's pick; the picks table shows them.
-  return report.write_results(workdir, rows, sections, table_methods=("linear_probe",))
-
-
-def _json_default(value):
-  if isinstance(value, (np.generic, jax.Array)):
-    return np.asarray(value).tolist()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  if hasattr(value, "to_dict"):
-    return value.to_dict()
-  raise TypeError(f"not JSON serialisable: {type(value)}")
+  return report.write_results(workdir, rows + select_rows, sections,
+                              table_methods=("linear_probe",))

@@ -1,0 +1,80 @@
+"""What every job shares: the hub, the tasks, the mesh and cached features.
+
+`Context.create(config, workdir)` loads the config's hub (`config.hub`, HF
+specs or local directories, and/or `config.offline_hub`, built on first use)
+and builds the mesh; `ctx.tasks()` and `ctx.features(backbone, task, split)`
+give the tasks and their cached features. Jobs and methods get everything
+through a Context; no job imports another job for plumbing.
+"""
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import jax
+
+from fusion import features as features_lib
+from fusion import hub
+from fusion import sharding
+
+SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+def load_hub(config) -> list[hub.Backbone]:
+  """The config's hub: `config.hub` specs, then the offline hub's models."""
+  specs = list(config.get("hub") or [])
+  if config.get("offline_hub") is not None:
+    from fusion import offline_hub  # Builds the embedded default hub when missing.
+    specs += offline_hub.build(config.offline_hub)
+  if not specs:
+    raise ValueError("The config names no models: give `hub` (HF ids or local "
+                     "directories) or `offline_hub` (configs/demo.py has one).")
+  return hub.load_hub(specs)
+
+
+def load_tasks(names: Sequence[str]) -> list:
+  """Tasks by registry name; unknown names are an error that lists the valid ones."""
+  from fusion.data import tasks as tasks_lib  # TF/TFDS only where data is read.
+  if not names:
+    raise ValueError("config.tasks is empty; name at least one task.")
+  return [tasks_lib.get(name) for name in names]
+
+
+@dataclasses.dataclass
+class Context:
+  """The loaded hub, the mesh and the caches of one job run."""
+  config: object
+  workdir: str | None
+  backbones: list[hub.Backbone]
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def create(cls, config, workdir: str | None, backbones=None) -> "Context":
+    mesh = sharding.make_mesh(config.get("num_devices") or None)
+    return cls(config, workdir, load_hub(config) if backbones is None else backbones, mesh)
+
+  def backbone(self, name: str) -> hub.Backbone:
+    for b in self.backbones:
+      if b.name == name:
+        return b
+    raise ValueError(f"No model {name!r} in the hub; models: {self.model_names}.")
+
+  @property
+  def model_names(self) -> list[str]:
+    return [b.name for b in self.backbones]
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.get("seed", 0))
+
+  def tasks(self) -> list:
+    return load_tasks(self.config.tasks)
+
+  def features(self, backbone: hub.Backbone, task, split: str) -> features_lib.FeatureSet:
+    """Cached features of one split, with the job's batch size and cache."""
+    return features_lib.extract(backbone, task, split, mesh=self.mesh,
+                                batch_size=self.config.get("batch_size", 64),
+                                cache_dir=self.config.get("cache_dir") or None)
+
+  def run_dir(self, *parts: str) -> str | None:
+    """A directory under the workdir for a unit's checkpoints (None: no workdir)."""
+    return os.path.join(self.workdir, *parts) if self.workdir else None

@@ -1,0 +1,112 @@
+"""Methods: every way of turning hub models into a classifier for a task.
+
+A method is a module with
+  default_config() -> ConfigDict
+  fit_predict(ctx, task, members, config, seed) -> predictions.Result
+  MEMBERS = "each" | "hub"   one unit per hub model, or one over the whole hub
+and one line in `METHODS`. The suite and the report treat all methods alike;
+`run_unit` computes a unit once and caches its Result on disk, so a method
+that builds on another (an ensemble on fine-tunes) calls `run_unit` too.
+"""
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+from fusion import experiment
+from fusion import hub
+from fusion import predictions
+from fusion.methods import linear_probe
+from fusion.methods import nearest_centroid
+
+MEMBER_MODES = ("each", "hub")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  fit_predict: Callable[..., predictions.Result]
+  default_config: Callable[[], ml_collections.ConfigDict]
+  members: str = "each"
+  version: int = 1  # Part of every unit's key: bump when results change meaning.
+
+  def __post_init__(self):
+    if self.members not in MEMBER_MODES:
+      raise ValueError(f"Method {self.name!r}: members={self.members!r} is not one of "
+                       f"{MEMBER_MODES}.")
+
+  @classmethod
+  def of(cls, name: str, module: ModuleType) -> "Method":
+    return cls(name, module.fit_predict, module.default_config, module.MEMBERS,
+               getattr(module, "VERSION", 1))
+
+
+METHODS: dict[str, Method] = {
+    "linear_probe": Method.of("linear_probe", linear_probe),
+    "nearest_centroid": Method.of("nearest_centroid", nearest_centroid),
+}
+
+
+def get(name: str) -> Method:
+  if name not in METHODS:
+    raise ValueError(f"Unknown method {name!r}; registered: {sorted(METHODS)}.")
+  return METHODS[name]
+
+
+def method_config(config, name: str) -> ml_collections.ConfigDict:
+  """`config.<name>` when the job config has it, else the method's default."""
+  own = config.get(name)
+  return own if own is not None else get(name).default_config()
+
+
+def member_groups(method: Method, backbones: Sequence[hub.Backbone]
+                  ) -> list[list[hub.Backbone]]:
+  """The members of each unit of `method` on one task."""
+  if method.members == "each":
+    return [[b] for b in backbones]
+  return [list(backbones)]
+
+
+def unit_inputs(method: Method, task, members: Sequence[hub.Backbone], config,
+                seed: int) -> dict[str, Any]:
+  """Everything a unit's Result depends on: its cache key's inputs."""
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return {"method": method.name, "method_version": method.version,
+          "task": task.fingerprint,
+          "members": [[b.name, hub.params_fingerprint(b)] for b in members],
+          "config": config, "seed": int(seed)}
+
+
+def _resolve(ctx, name, config, seed):
+  config = method_config(ctx.config, name) if config is None else config
+  return get(name), config, ctx.seed if seed is None else seed
+
+
+def unit_key(ctx: experiment.Context, name: str, task, members: Sequence[hub.Backbone],
+             config=None, seed: int | None = None) -> str:
+  """The predictions-cache key of a unit (config: the job's `config.<name>`)."""
+  method, config, seed = _resolve(ctx, name, config, seed)
+  return predictions.unit_key(unit_inputs(method, task, members, config, seed))
+
+
+def run_unit(ctx: experiment.Context, name: str, task, members: Sequence[hub.Backbone],
+             config=None, seed: int | None = None) -> tuple[str, predictions.Result]:
+  """(unit key, Result) of one unit: from the predictions cache, else computed and cached."""
+  method, config, seed = _resolve(ctx, name, config, seed)
+  inputs = unit_inputs(method, task, members, config, seed)
+  key = predictions.unit_key(inputs)
+  cache = predictions.Cache(ctx.config.get("predictions_dir") or None)
+  result = cache.load(key)
+  if result is None:
+    t0 = time.time()
+    result = method.fit_predict(ctx, task, list(members), config, seed)
+    if not result.train_seconds:
+      result = dataclasses.replace(result, train_seconds=round(time.time() - t0, 3))
+    cache.save(key, inputs, result)
+    logging.info("%s on %s (%s): computed in %.1f s", name, task.name,
+                 "+".join(b.name for b in members), time.time() - t0)
+  return key, result

@@ -1,0 +1,105 @@
+"""The suite job: every method of `config.methods` on every task of `config.tasks`.
+
+Each unit (method, task, members) is computed once through `methods.run_unit`
+(cached under $FUSION_HOME) and its row appended to `<workdir>/rows.jsonl`
+when done; a restarted suite skips the units whose rows are there. From all
+rows: results.json, results.md and plots/. With `config.select`, the ranking
+evaluation of the select job runs on top, with the linear probes as ground
+truth. `job = "linear_probe"` is the suite of that one method.
+"""
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import tqdm
+
+from fusion import experiment
+from fusion import io
+from fusion import methods
+from fusion import report
+
+ROWS = "rows.jsonl"
+
+
+def method_names(config) -> tuple[str, ...]:
+  if config.job == "linear_probe":
+    return ("linear_probe",)
+  return tuple(config.get("methods") or ())
+
+
+def check_config(config) -> None:
+  """Clear errors for a config that cannot run, before any work."""
+  names = method_names(config)
+  if not names:
+    raise ValueError("config.methods is empty; name at least one of "
+                     f"{sorted(methods.METHODS)}.")
+  for name in names:
+    methods.get(name)
+  if not config.get("tasks"):
+    raise ValueError("config.tasks is empty; name at least one task.")
+  experiment.load_tasks(config.tasks)  # Unknown names fail here.
+  if config.get("select") is not None and "linear_probe" not in names:
+    raise ValueError("config.select evaluates rankings against the linear probes: add "
+                     "'linear_probe' to config.methods, or drop config.select.")
+
+
+def read_rows(workdir: str) -> dict[str, dict]:
+  """unit key -> row of the units finished in an earlier run of this workdir."""
+  path = os.path.join(workdir, ROWS)
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # A line cut short by a kill.
+          continue
+        if isinstance(row, dict) and "unit" in row:
+          done[row["unit"]] = row
+  return done
+
+
+def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
+              workdir: str) -> list[dict]:
+  """Rows of every (method, task, members) unit, in plan order; resumable."""
+  plan = [(name, task, members) for task in task_list for name in names
+          for members in methods.member_groups(methods.get(name), ctx.backbones)]
+  done = read_rows(workdir)
+  rows = []
+  bar = tqdm.tqdm(plan, desc="suite", unit="unit")
+  for name, task, members in bar:
+    bar.set_postfix_str(f"{name} {task.name} {'+'.join(b.name for b in members)}"[:60])
+    key = methods.unit_key(ctx, name, task, members)
+    if key in done:
+      rows.append(done[key])
+      continue
+    _, result = methods.run_unit(ctx, name, task, members)
+    row = report.row(task, name, result, unit=key)
+    with open(os.path.join(workdir, ROWS), "a") as f:
+      f.write(json.dumps(row, default=io.json_default) + "\n")
+    rows.append(row)
+  bar.close()
+  return rows
+
+
+def run(config, workdir: str) -> str:
+  """The suite job: rows.jsonl, results.json, results.md and plots/ under `workdir`."""
+  check_config(config)
+  names = method_names(config)
+  ctx = experiment.Context.create(config, workdir)
+  task_list = ctx.tasks()
+  rows = run_units(ctx, names, task_list, workdir)
+  sections = []
+  if config.get("select") is not None:
+    from fusion.selection import job as select_job
+    probes = [r for r in rows if r["method"] == "linear_probe"]
+    select_rows, sections = select_job.evaluate(ctx, task_list, probes, workdir,
+                                                "linear probes of this suite")
+    rows = rows + select_rows
+  for name in names:
+    report.plot_heatmap(rows, os.path.join(workdir, "plots", f"{name}.png"), method=name,
+                        title=f"{name}: test accuracy (%)")
+  logging.info("suite: %d rows of %d methods on %d tasks", len(rows), len(names),
+               len(task_list))
+  return report.write_results(workdir, rows, sections, table_methods=names)
