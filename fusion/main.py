@@ -14,7 +14,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import fusion  # noqa: F401  (sets USE_TF=0 before transformers is imported)
+import fusion  # Also sets USE_TF=0 before transformers is imported.
 from fusion import io
 from ml_collections import config_flags
 
@@ -126,6 +126,7 @@ def main(argv):
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
+  fusion.use_compilation_cache()
   config = _CONFIG.value
   try:
     validate(config)

@@ -117,6 +117,7 @@ def test_an_estimator_that_returns_nan_is_left_out_not_fatal(first_run, hub_spec
   monkeypatch.setitem(selection.BATCHED, "logme", nan_for_the_first_model)
   config = _select_config(hub_specs, estimators=("knn", "logme"),
                           ground_truth=os.path.join(workdir, "results.json"))
+  config.seed = 1  # Not the cached rankings of the test above: these must be computed.
   markdown = main.run(config, str(tmp_path))
   digits = _read(str(tmp_path), "rankings.json")["tasks"]["digits"]
   assert set(digits["scores"]) == {"knn"}
@@ -149,3 +150,20 @@ def test_a_hub_of_one_model_cannot_be_ranked(hub_specs, tmp_path, monkeypatch):
   monkeypatch.setenv("FUSION_HOME", str(tmp_path))
   with pytest.raises(ValueError, match="needs at least 2"):
     job.run(_select_config(hub_specs[:1]), str(tmp_path / "work"))
+
+
+def test_a_rerun_takes_the_rankings_from_the_cache(first_run, hub_specs, tmp_path,
+                                                   monkeypatch):
+  workdir, _, home = first_run
+  monkeypatch.setenv("FUSION_HOME", home)
+
+  def recompute(*args):
+    raise AssertionError("rank_task ran again although its result is cached")
+
+  monkeypatch.setattr(job, "rank_task", recompute)
+  main.run(_select_config(hub_specs), str(tmp_path))
+  assert _read(str(tmp_path), "rankings.json") == _read(workdir, "rankings.json")
+  assert os.path.exists(tmp_path / "plots" / "taxonomy_digits.png")
+  # Another select config is another entry: computed, not served stale.
+  with pytest.raises(AssertionError, match="ran again"):
+    main.run(_select_config(hub_specs, split="val200"), str(tmp_path / "other"))

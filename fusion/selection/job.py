@@ -35,7 +35,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+import fusion
 from fusion import experiment
+from fusion import hub
 from fusion import io
 from fusion import methods
 from fusion import report
@@ -44,6 +46,9 @@ from fusion.selection import ranking
 from fusion.selection import reference as reference_lib
 from fusion.selection import rsa
 
+# Bump when a task's rankings (scores, reference, taxonomy) change meaning: the
+# cache of rank_task_cached is keyed by it.
+RANKINGS_VERSION = 1
 REFERENCE_ESTIMATORS = ("rsa", "dds", "cka")
 REFERENCES = ("labels", "model")
 # Options the job fills in itself; configs may not set them.
@@ -234,6 +239,30 @@ def rank_task(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str,
     out["rankings"][entry.name] = sorted(scores, key=lambda m: -scores[m])
   if cfg.taxonomy.enabled:
     out["taxonomy"] = _taxonomy(feats, cfg.taxonomy)
+  return out
+
+
+def rank_task_cached(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str, Any]:
+  """`rank_task`, computed once per (task, hub, select config, seed) under $FUSION_HOME."""
+  cfg = ctx.config.select
+  inputs = {"version": RANKINGS_VERSION, "task": task.fingerprint, "seed": ctx.seed,
+            "models": [[b.name, hub.params_fingerprint(b)] for b in ctx.backbones],
+            "select": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
+            "batch_size": ctx.config.get("batch_size")}
+  key = io.sha256_json(inputs)[:32]
+  path = os.path.join(fusion.fusion_home(), "rankings", key + ".json")
+  out = None
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+      out = stored["result"] if stored.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      logging.warning("Recomputing the unreadable rankings cache entry %s: %s", path, e)
+  if out is None:
+    out = rank_task(ctx, task, entry_list, workdir)
+    io.write_json(path, {"key": key, "inputs": inputs, "result": out})
+  if "taxonomy" in out:
     rsa.plot_dendrogram(out["taxonomy"]["similarity"], out["taxonomy"]["models"],
                         os.path.join(workdir, "plots", f"taxonomy_{task.name}.png"),
                         method=cfg.taxonomy.method,
@@ -429,7 +458,8 @@ def evaluate(ctx, task_list, gt_rows, workdir: str, source: str
     raise ValueError(f"the select job ranks models and needs at least 2 in the hub; got "
                      f"{ctx.model_names}.")
   models = ctx.model_names
-  per_task = {task.name: rank_task(ctx, task, entry_list, workdir) for task in task_list}
+  per_task = {task.name: rank_task_cached(ctx, task, entry_list, workdir)
+              for task in task_list}
 
   rows: list[dict] = []
   active = [e.name for e in entry_list if not e.skipped]
