@@ -109,8 +109,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO records of libraries that log every step (orbax: ~15 per save)."""
-  LIBRARIES = ("orbax",)
+  """Drops the INFO records of libraries that log every step (orbax: ~15 per
+  save) or start-up notices (jax: "Unable to initialize backend 'tpu'" on CPU)."""
+  LIBRARIES = ("orbax", "jax")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     path = record.pathname.replace(os.sep, "/")
@@ -123,6 +124,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if logging.get_verbosity() <= logging.INFO:  # `-v 1` or more shows them again.
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    # Its Flax deprecation notice on every model load; hub.py logs missing weights itself.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
