@@ -7,10 +7,10 @@ give the tasks and their cached features. Jobs and methods get everything
 through a Context; no job imports another job for plumbing.
 """
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from fusion import features as features_lib
 from fusion import hub
@@ -46,6 +46,7 @@ class Context:
   workdir: str | None
   backbones: list[hub.Backbone]
   mesh: jax.sharding.Mesh
+  _images: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
   def create(cls, config, workdir: str | None, backbones=None) -> "Context":
@@ -75,6 +76,19 @@ class Context:
                                 batch_size=self.config.get("batch_size", 64),
                                 cache_dir=self.config.get("cache_dir") or None)
 
-  def run_dir(self, *parts: str) -> str | None:
-    """A directory under the workdir for a unit's checkpoints (None: no workdir)."""
-    return os.path.join(self.workdir, *parts) if self.workdir else None
+  def images(self, task, split: str, preprocess: hub.Preprocess
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, R, R, 3] float32, labels [N]) of a split, preprocessed, in memory.
+
+    Kept while the job stays on one task: fine-tuning every model of one
+    preprocessing on it decodes each split once.
+    """
+    key = (task.name, task.fingerprint, split, preprocess)
+    if any(k[:2] != key[:2] for k in self._images):  # Another task: free its images.
+      self._images.clear()
+    if key not in self._images:
+      from fusion.data import pipeline  # TF only where data is read.
+      self._images[key] = pipeline.load_split(
+          task, split, resolution=preprocess.resolution, mean=preprocess.mean,
+          std=preprocess.std)
+    return self._images[key]

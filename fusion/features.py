@@ -46,10 +46,11 @@ def _features_fn(backbone: hub.Backbone, mesh: jax.sharding.Mesh):
 
 
 def _run(backbone: hub.Backbone, batches: Iterable[Mapping[str, Any]],
-         mesh: jax.sharding.Mesh, total: int | None, desc: str) -> dict[str, np.ndarray]:
+         mesh: jax.sharding.Mesh, total: int | None, desc: str,
+         params: Any = None) -> dict[str, np.ndarray]:
   """Features (and any other batch entries) of the unmasked examples."""
   fn = _features_fn(backbone, mesh)
-  params = sharding.replicate(backbone.params, mesh)
+  params = sharding.replicate(backbone.params if params is None else params, mesh)
   chunks: dict[str, list[np.ndarray]] = {}
   pending = None
 
@@ -89,9 +90,13 @@ def _numpy_batches(images: np.ndarray, batch_size: int):
 
 
 def extract_array(backbone: hub.Backbone, images: np.ndarray, *,
-                  mesh: jax.sharding.Mesh | None = None,
-                  batch_size: int = 64) -> np.ndarray:
-  """Features [N, D] of preprocessed NHWC float32 images (no cache)."""
+                  mesh: jax.sharding.Mesh | None = None, batch_size: int = 64,
+                  params: Any = None) -> np.ndarray:
+  """Features [N, D] of preprocessed NHWC float32 images (no cache).
+
+  `params` replaces the backbone's own variables (e.g. fine-tuned ones) and
+  reuses its compiled forward pass.
+  """
   images = np.asarray(images, np.float32)
   if images.ndim != 4:
     raise ValueError(f"Expected images [N, H, W, C]; got shape {images.shape}.")
@@ -99,7 +104,7 @@ def extract_array(backbone: hub.Backbone, images: np.ndarray, *,
   sharding.check_divisible(batch_size, mesh)
   total = -(-len(images) // batch_size)
   out = _run(backbone, _numpy_batches(images, batch_size), mesh, total,
-             desc=f"features {backbone.name}")
+             desc=f"features {backbone.name}", params=params)
   return out["features"]
 
 

@@ -260,6 +260,22 @@ def _full_mask(trainable: Any, params: Any) -> Any:
   return mask
 
 
+def _full_multipliers(lr_multiplier: Any, params: Any) -> Any:
+  """Broadcasts a prefix tree of learning-rate multipliers onto params' structure."""
+  if lr_multiplier is None:
+    lr_multiplier = 1.0
+  try:
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: float(m), sub),
+                        lr_multiplier, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError("`lr_multiplier` must be a pytree prefix of params with number "
+                     f"leaves: {e}") from e
+  if not all(math.isfinite(m) and m >= 0 for m in jax.tree.leaves(full)):
+    raise ValueError(f"lr_multiplier values must be finite and >= 0; got "
+                     f"{sorted(set(jax.tree.leaves(full)))}.")
+  return full
+
+
 def _partition(tree: Any, mask: Any) -> tuple[Any, Any]:
   """(trainable, frozen) copies of `tree`, None at the other side's leaves."""
   trainable = jax.tree.map(lambda m, x: x if m else None, mask, tree)
@@ -293,8 +309,10 @@ def _split_aux(aux: Any, params: Any) -> tuple[dict[str, jax.Array], Any]:
   return dict(metrics), new_params
 
 
-def _make_step(loss_fn: LossFn, cfg: OptimizerConfig, mask: Any):
+def _make_step(loss_fn: LossFn, cfg: OptimizerConfig, mask: Any, multipliers: Any):
   optimizer = _injected(cfg)(learning_rate=0.0, weight_decay=0.0)  # Numbers: state.
+  scale = _partition(multipliers, mask)[0]
+  scaled = any(m != 1.0 for m in jax.tree.leaves(scale))
 
   def step_fn(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -312,6 +330,8 @@ def _make_step(loss_fn: LossFn, cfg: OptimizerConfig, mask: Any):
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     metrics, new_params = _split_aux(aux, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    if scaled:  # Scaling the final update scales that subtree's learning rate.
+      updates = jax.tree.map(lambda u, m: u * m, updates, scale)
     trainable = optax.apply_updates(trainable, updates)
     params = _combine(trainable, _partition(new_params, mask)[1], mask)
     learning_rate = (state.opt_state.hyperparams["learning_rate"] *
@@ -327,8 +347,9 @@ def _make_step(loss_fn: LossFn, cfg: OptimizerConfig, mask: Any):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_step(loss_fn: LossFn, cfg: OptimizerConfig, mask: _Hashable,
-                   state_shardings: _Hashable, mesh: jax.sharding.Mesh):
-  step_fn = _make_step(loss_fn, cfg, mask.tree())
+                   multipliers: _Hashable, state_shardings: _Hashable,
+                   mesh: jax.sharding.Mesh):
+  step_fn = _make_step(loss_fn, cfg, mask.tree(), multipliers.tree())
   return jax.jit(step_fn,
                  in_shardings=(state_shardings.tree(), sharding.batch_sharded(mesh)),
                  out_shardings=(state_shardings.tree(), sharding.replicated(mesh)),
@@ -435,7 +456,7 @@ def default_checkpoint_dir(workdir: str, run_name: str | None = None) -> str:
 def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
           config: Any, mesh: jax.sharding.Mesh, num_steps: int,
           workdir: str | None = None, seed: int = 0, trainable: Any = None,
-          param_sharding: Any = None,
+          lr_multiplier: Any = None, param_sharding: Any = None,
           eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
           eval_every: int | None = None, log_every: int = 50,
           metrics_file: str = "metrics.jsonl", run_name: str | None = None,
@@ -456,6 +477,9 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
     seed: base rng seed of a fresh run (a resumed run keeps its saved key).
     trainable: pytree prefix of params with bool leaves; False leaves are not
       optimized (see the module docstring).
+    lr_multiplier: pytree prefix of params with number leaves (default 1):
+      each trainable leaf's update is scaled by its multiplier, i.e. its
+      learning rate (warm-up and schedule included) is multiplied by it.
     param_sharding: pytree prefix of params with NamedSharding/PartitionSpec
       leaves; default replicated. The optimizer state follows it.
     eval_fn: params -> dict of scalars, run every `eval_every` steps and at the
@@ -487,6 +511,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
   static_cfg = cfg.static()
   optimizer = _injected(static_cfg)(learning_rate=0.0, weight_decay=0.0)
   mask = _full_mask(trainable, params)
+  multipliers = _full_multipliers(lr_multiplier, params)
   rep = sharding.replicated(mesh)
 
   # Shardings of the whole state, then the state: fresh or restored.
@@ -532,7 +557,8 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
                          opt_state=opt_state,
                          rng=jax.device_put(jax.random.PRNGKey(seed), rep))
     return _loop(state, loss_fn=loss_fn, batch_fn=batch_fn, cfg=cfg, mesh=mesh,
-                 num_steps=num_steps, mask=mask, state_shardings=state_shardings,
+                 num_steps=num_steps, mask=mask, multipliers=multipliers,
+                 state_shardings=state_shardings,
                  manager=manager, checkpoint_every=checkpoint_every, workdir=workdir,
                  metrics_file=metrics_file, run_name=run_name, log_every=log_every,
                  eval_fn=eval_fn, eval_every=eval_every, progress=progress)
@@ -543,12 +569,12 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
 
 
 def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
-          state_shardings, manager, checkpoint_every, workdir, metrics_file,
+          multipliers, state_shardings, manager, checkpoint_every, workdir, metrics_file,
           run_name, log_every, eval_fn, eval_every, progress) -> TrainState:
   start = int(state.step)
   if start == num_steps:
     return state
-  step_fn = _compiled_step(loss_fn, cfg.static(), _Hashable(mask),
+  step_fn = _compiled_step(loss_fn, cfg.static(), _Hashable(mask), _Hashable(multipliers),
                            _Hashable(state_shardings), mesh)
   main_process = jax.process_index() == 0
   metrics_path = None

@@ -20,6 +20,7 @@ import ml_collections
 from fusion import experiment
 from fusion import hub
 from fusion import predictions
+from fusion.methods import finetune
 from fusion.methods import linear_probe
 from fusion.methods import nearest_centroid
 
@@ -48,6 +49,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "linear_probe": Method.of("linear_probe", linear_probe),
     "nearest_centroid": Method.of("nearest_centroid", nearest_centroid),
+    "finetune": Method.of("finetune", finetune),
 }
 
 
