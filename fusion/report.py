@@ -121,15 +121,52 @@ def accuracy_table(rows: Sequence[Mapping[str, Any]], method: str | None = None,
   return "\n".join(lines) + "\n"
 
 
+def _val_key(row: Mapping[str, Any]) -> tuple[float, float]:
+  return (-float(row.get("val_accuracy", -np.inf)), float(row.get("val_nll", np.inf)))
+
+
+def pick_per_method(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """One row per (task, method): of a method with a row per model, the row with
+  the best val200 accuracy (ties: lower val200 NLL), chosen without test data."""
+  best: dict[tuple[str, str], Mapping[str, Any]] = {}
+  for r in rows:
+    key = (r["task"], r["method"])
+    if key not in best or _val_key(r) < _val_key(best[key]):
+      best[key] = r
+  return [dict(r) for r in best.values()]
+
+
+def methods_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> str:
+  """Markdown: tasks x methods test accuracy (%) with category means, then each
+  method's mean inference GFLOPs per image and, for ensembles, their members."""
+  picked = [r for r in pick_per_method(rows) if r["method"] in methods]
+  picked.sort(key=lambda r: methods.index(r["method"]))
+  table = accuracy_table([{**r, "model": r["method"]} for r in picked])
+  columns = list(dict.fromkeys(r["method"] for r in picked))
+  gflops = [np.mean([r["inference_gflops"] for r in picked if r["method"] == m])
+            for m in columns]
+  table += ("| *GFLOPs / image* | | " + " | ".join(f"{g:.4g}" for g in gflops) + " |\n")
+  ensembles = [r for r in picked if "members" in r]
+  if ensembles:
+    table += "\n| task | method | members (with repeats) |\n|---|---|---|\n"
+    for r in ensembles:
+      counts = {m: r["members"].count(m) for m in dict.fromkeys(r["members"])}
+      listed = ", ".join(f"{m} x{c}" if c > 1 else m for m, c in counts.items())
+      table += f"| {r['task']} | {r['method']} | {listed} |\n"
+  return table
+
+
 def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
                   sections: Sequence[tuple[str, str]] = (),
                   extra: Mapping[str, Any] | None = None,
-                  table_methods: Sequence[str] | None = None) -> str:
+                  table_methods: Sequence[str] | None = None,
+                  sections_first: bool = False) -> str:
   """Writes results.json (`rows` + `extra`) and results.md; returns the markdown.
 
   results.md has a tasks x models accuracy table per method (those of
-  `table_methods` only, when given: methods whose rows a section shows better),
-  then the `sections`, (heading, markdown) pairs.
+  `table_methods` only, when given: methods whose rows a section shows better)
+  and the `sections`, (heading, markdown) pairs, after them or, with
+  `sections_first`, before them.
   """
   check_rows(rows)
   payload = {"rows": list(rows), **(extra or {})}
@@ -137,13 +174,10 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   methods = list(dict.fromkeys(r["method"] for r in rows))
   if table_methods is not None:
     methods = [m for m in methods if m in table_methods]
-  parts = ["# Results\n"]
-  if methods:
-    parts.append("Test top-1 accuracy (%); best per task in bold.\n")
-  for method in methods:
-    parts.append(f"\n## {method}\n\n" + accuracy_table(rows, method))
-  for heading, body in sections:
-    parts.append(f"\n## {heading}\n\n{body}")
+  tables = [f"\n## {method}\n\nTest top-1 accuracy (%) per model; best per task in "
+            f"bold.\n\n" + accuracy_table(rows, method) for method in methods]
+  extra_parts = [f"\n## {heading}\n\n{body}" for heading, body in sections]
+  parts = ["# Results\n"] + (extra_parts + tables if sections_first else tables + extra_parts)
   markdown = "".join(parts)
   io.write_atomic(os.path.join(workdir, "results.md"), markdown)
   return markdown

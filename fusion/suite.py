@@ -90,16 +90,20 @@ def run(config, workdir: str) -> str:
   ctx = experiment.Context.create(config, workdir)
   task_list = ctx.tasks()
   rows = run_units(ctx, names, task_list, workdir)
-  sections = []
+  sections = [("All methods: test accuracy (%)",
+               "Methods with a row per model show the model with the best val200 accuracy; "
+               "best method per task in bold.\n\n" + report.methods_table(rows, list(names)))]
   if config.get("select") is not None:
     from fusion.selection import job as select_job
     probes = [r for r in rows if r["method"] == "linear_probe"]
-    select_rows, sections = select_job.evaluate(ctx, task_list, probes, workdir,
-                                                "linear probes of this suite")
-    rows = rows + select_rows
-  for name in names:
+    select_rows, select_sections = select_job.evaluate(ctx, task_list, probes, workdir,
+                                                       "linear probes of this suite")
+    rows, sections = rows + select_rows, sections + select_sections
+  per_model = [n for n in names if methods.get(n).members == "each"]
+  for name in per_model:
     report.plot_heatmap(rows, os.path.join(workdir, "plots", f"{name}.png"), method=name,
                         title=f"{name}: test accuracy (%)")
   logging.info("suite: %d rows of %d methods on %d tasks", len(rows), len(names),
                len(task_list))
-  return report.write_results(workdir, rows, sections, table_methods=names)
+  return report.write_results(workdir, rows, sections, table_methods=per_model,
+                              sections_first=True)

@@ -4,7 +4,9 @@ A method is a module with
   default_config() -> ConfigDict
   fit_predict(ctx, task, members, config, seed) -> predictions.Result
   MEMBERS = "each" | "hub"   one unit per hub model, or one over the whole hub
-and one line in `METHODS`. The suite and the report treat all methods alike;
+  USES = ("finetune",)       optional: the methods whose units it builds on
+and one line in `METHODS`. A family of methods sharing one config (the
+ensemble baselines) registers each member with `config_key` naming it. The suite and the report treat all methods alike;
 `run_unit` computes a unit once and caches its Result on disk, so a method
 that builds on another (an ensemble on fine-tunes) calls `run_unit` too.
 """
@@ -20,9 +22,11 @@ import ml_collections
 from fusion import experiment
 from fusion import hub
 from fusion import predictions
+from fusion.methods import ensemble
 from fusion.methods import finetune
 from fusion.methods import linear_probe
 from fusion.methods import nearest_centroid
+from fusion.methods import soup
 
 MEMBER_MODES = ("each", "hub")
 
@@ -34,22 +38,37 @@ class Method:
   default_config: Callable[[], ml_collections.ConfigDict]
   members: str = "each"
   version: int = 1  # Part of every unit's key: bump when results change meaning.
+  config_key: str = ""  # The job config's key of its config; "": the name.
+  uses: tuple[str, ...] = ()  # Methods whose configs its results depend on.
 
   def __post_init__(self):
     if self.members not in MEMBER_MODES:
       raise ValueError(f"Method {self.name!r}: members={self.members!r} is not one of "
                        f"{MEMBER_MODES}.")
+    if not self.config_key:
+      object.__setattr__(self, "config_key", self.name)
 
   @classmethod
-  def of(cls, name: str, module: ModuleType) -> "Method":
-    return cls(name, module.fit_predict, module.default_config, module.MEMBERS,
-               getattr(module, "VERSION", 1))
+  def of(cls, name: str, module: ModuleType, fit_predict=None,
+         config_key: str = "") -> "Method":
+    return cls(name, fit_predict or module.fit_predict, module.default_config,
+               module.MEMBERS, getattr(module, "VERSION", 1), config_key,
+               tuple(getattr(module, "USES", ())))
 
 
 METHODS: dict[str, Method] = {
     "linear_probe": Method.of("linear_probe", linear_probe),
     "nearest_centroid": Method.of("nearest_centroid", nearest_centroid),
     "finetune": Method.of("finetune", finetune),
+    "ensemble": Method.of("ensemble", ensemble),
+    "finetune_best": Method.of("finetune_best", ensemble, ensemble.fit_finetune_best,
+                               "ensemble"),
+    "uniform_topk": Method.of("uniform_topk", ensemble, ensemble.fit_uniform_topk, "ensemble"),
+    "seed_ensemble": Method.of("seed_ensemble", ensemble, ensemble.fit_seed_ensemble,
+                               "ensemble"),
+    "greedy_all": Method.of("greedy_all", ensemble, ensemble.fit_greedy_all, "ensemble"),
+    "uniform_soup": Method.of("uniform_soup", soup, soup.fit_uniform, "ensemble"),
+    "greedy_soup": Method.of("greedy_soup", soup, config_key="ensemble"),
 }
 
 
@@ -60,9 +79,10 @@ def get(name: str) -> Method:
 
 
 def method_config(config, name: str) -> ml_collections.ConfigDict:
-  """`config.<name>` when the job config has it, else the method's default."""
-  own = config.get(name)
-  return own if own is not None else get(name).default_config()
+  """`config.<config_key>` when the job config has it, else the method's default."""
+  method = get(name)
+  own = config.get(method.config_key)
+  return own if own is not None else method.default_config()
 
 
 def member_groups(method: Method, backbones: Sequence[hub.Backbone]
@@ -73,14 +93,18 @@ def member_groups(method: Method, backbones: Sequence[hub.Backbone]
   return [list(backbones)]
 
 
-def unit_inputs(method: Method, task, members: Sequence[hub.Backbone], config,
+def _plain(config) -> dict[str, Any]:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def unit_inputs(ctx, method: Method, task, members: Sequence[hub.Backbone], config,
                 seed: int) -> dict[str, Any]:
   """Everything a unit's Result depends on: its cache key's inputs."""
-  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   return {"method": method.name, "method_version": method.version,
           "task": task.fingerprint,
           "members": [[b.name, hub.params_fingerprint(b)] for b in members],
-          "config": config, "seed": int(seed)}
+          "config": _plain(config), "seed": int(seed),
+          "uses": {name: _plain(method_config(ctx.config, name)) for name in method.uses}}
 
 
 def _resolve(ctx, name, config, seed):
@@ -92,14 +116,14 @@ def unit_key(ctx: experiment.Context, name: str, task, members: Sequence[hub.Bac
              config=None, seed: int | None = None) -> str:
   """The predictions-cache key of a unit (config: the job's `config.<name>`)."""
   method, config, seed = _resolve(ctx, name, config, seed)
-  return predictions.unit_key(unit_inputs(method, task, members, config, seed))
+  return predictions.unit_key(unit_inputs(ctx, method, task, members, config, seed))
 
 
 def run_unit(ctx: experiment.Context, name: str, task, members: Sequence[hub.Backbone],
              config=None, seed: int | None = None) -> tuple[str, predictions.Result]:
   """(unit key, Result) of one unit: from the predictions cache, else computed and cached."""
   method, config, seed = _resolve(ctx, name, config, seed)
-  inputs = unit_inputs(method, task, members, config, seed)
+  inputs = unit_inputs(ctx, method, task, members, config, seed)
   key = predictions.unit_key(inputs)
   cache = predictions.Cache(ctx.config.get("predictions_dir") or None)
   result = cache.load(key)
