@@ -143,6 +143,13 @@ def methods_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
   picked.sort(key=lambda r: methods.index(r["method"]))
   table = accuracy_table([{**r, "model": r["method"]} for r in picked])
   columns = list(dict.fromkeys(r["method"] for r in picked))
+  tasks_of = {m: {r["task"] for r in picked if r["method"] == m} for m in columns}
+  common = set.intersection(*tasks_of.values()) if columns else set()
+  if common and any(t != common for t in tasks_of.values()):
+    means = [np.mean([r["test_accuracy"] for r in picked
+                      if r["method"] == m and r["task"] in common]) for m in columns]
+    table += (f"| *mean of the {len(common)} tasks every method ran* | | " +
+              " | ".join(f"{100 * v:.1f}" for v in means) + " |\n")
   gflops = [np.mean([r["inference_gflops"] for r in picked if r["method"] == m])
             for m in columns]
   table += ("| *GFLOPs / image* | | " + " | ".join(f"{g:.4g}" for g in gflops) + " |\n")

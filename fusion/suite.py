@@ -39,6 +39,14 @@ def check_config(config) -> None:
   if not config.get("tasks"):
     raise ValueError("config.tasks is empty; name at least one task.")
   experiment.load_tasks(config.tasks)  # Unknown names fail here.
+  for name, subset in (config.get("method_tasks") or {}).items():
+    if name not in names:
+      raise ValueError(f"config.method_tasks names {name!r}, which is not in config.methods "
+                       f"{list(names)}.")
+    extra = sorted(set(subset) - set(config.tasks))
+    if extra:
+      raise ValueError(f"config.method_tasks.{name} lists {extra}, which are not in "
+                       f"config.tasks {list(config.tasks)}.")
   if config.get("select") is not None and "linear_probe" not in names:
     raise ValueError("config.select evaluates rankings against the linear probes: add "
                      "'linear_probe' to config.methods, or drop config.select.")
@@ -60,10 +68,17 @@ def read_rows(workdir: str) -> dict[str, dict]:
   return done
 
 
+def runs_on(config, name: str, task) -> bool:
+  """Whether method `name` runs on `task` (config.method_tasks narrows a method's tasks)."""
+  subset = (config.get("method_tasks") or {}).get(name)
+  return subset is None or task.name in subset
+
+
 def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
               workdir: str) -> list[dict]:
   """Rows of every (method, task, members) unit, in plan order; resumable."""
   plan = [(name, task, members) for task in task_list for name in names
+          if runs_on(ctx.config, name, task)
           for members in methods.member_groups(methods.get(name), ctx.backbones)]
   done = read_rows(workdir)
   rows = []

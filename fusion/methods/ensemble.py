@@ -17,6 +17,7 @@ Each variant is its own method (one row each), all sharing `config.ensemble`:
   uniform_topk    the uniform average of the top K
   seed_ensemble   K fine-tunes of the single best-ranked model, seeds
                   seed..seed+K-1: diversity from seeds at equal inference cost
+                  (seeds after the first reuse the setting its sweep chose)
   greedy_all      the greedy ensemble over every hub model (the upper reference)
 Inference GFLOPs are the sum over distinct members.
 """
@@ -123,11 +124,9 @@ def rank(ctx, task, backbones, config) -> list[str]:
   return sorted(scores, key=lambda m: -scores[m])
 
 
-def _finetunes(ctx, task, backbones, seeds=None) -> list[predictions.Result]:
+def _finetunes(ctx, task, backbones) -> list[predictions.Result]:
   from fusion import methods  # The registry imports this module.
-  seeds = seeds or [None] * len(backbones)
-  return [methods.run_unit(ctx, "finetune", task, [b], seed=s)[1]
-          for b, s in zip(backbones, seeds)]
+  return [methods.run_unit(ctx, "finetune", task, [b])[1] for b in backbones]
 
 
 def _top(ctx, task, members, config) -> tuple[list, list[str]]:
@@ -181,8 +180,14 @@ def fit_uniform_topk(ctx, task, members, config, seed) -> predictions.Result:
 
 
 def fit_seed_ensemble(ctx, task, members, config, seed) -> predictions.Result:
+  from fusion import methods
+  from fusion.methods import finetune
   top, order = _top(ctx, task, members, config)
-  k = len(top)
-  results = _finetunes(ctx, task, [top[0]] * k, seeds=[seed + i for i in range(k)])
-  return ensemble_result(results, [1] * k, {"ranking": order, "seeds": list(range(seed,
-                                                                                   seed + k))})
+  first, = _finetunes(ctx, task, top[:1])
+  ft_config = methods.method_config(ctx.config, "finetune")
+  results = [first] + [
+      finetune.with_setting(ctx, top[0], task, ft_config, seed + i,
+                            first.fields["learning_rate"], first.fields["steps"])
+      for i in range(1, len(top))]
+  return ensemble_result(results, [1] * len(top), {
+      "ranking": order, "seeds": list(range(seed, seed + len(top)))})

@@ -307,24 +307,38 @@ def sweep(ctx, backbone, task, config, seed: int
   return records, choose(finished)
 
 
-def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
-  check_config(config)
-  backbone, = members
-  records, (best, val) = sweep(ctx, backbone, task, config, seed)
-  best_val = next(r for r in records if r["learning_rate"] == best.learning_rate
-                  and r["steps"] == best.steps)
-  final_key, final = cached_run(ctx, backbone, task, dataclasses.replace(
-      best, split="train800val200"), config, seed)
-  if isinstance(final, str):
-    raise ValueError(f"The train800val200 retrain of {backbone.name} on {task.name} "
-                     f"(learning rate {best.learning_rate:g}, {best.steps} steps) {final}.")
+def with_setting(ctx, backbone, task, config, seed: int, learning_rate: float, steps: int,
+                 sweep_records: Sequence[dict] = ()) -> predictions.Result:
+  """The Result of one setting: val200 from its train800 run, test from its retrain.
+
+  `sweep_records` (the sweep that chose the setting) count in the training
+  cost; without them, only the setting's two runs do.
+  """
+  run = Run(float(learning_rate), int(steps), "train800")
+  outcomes = {}
+  for split in ("train800", "train800val200"):
+    key, result = cached_run(ctx, backbone, task, dataclasses.replace(run, split=split),
+                             config, seed)
+    if isinstance(result, str):
+      raise ValueError(f"Fine-tuning {backbone.name} on {task.name}'s {split} (learning rate "
+                       f"{learning_rate:g}, {steps} steps, seed {seed}) {result}.")
+    outcomes[split] = (key, result)
+  (val_key, val), (final_key, final) = outcomes["train800"], outcomes["train800val200"]
   preds = predictions.Predictions(
       {"val200": val.predictions.logits["val200"], "test": final.predictions.logits["test"]},
       {"val200": val.predictions.labels["val200"], "test": final.predictions.labels["test"]})
-  done = [r for r in records if "failed" not in r]
+  steps_done = [r["steps"] for r in sweep_records if "failed" not in r] or [run.steps]
+  total = sum(steps_done) + run.steps
   return predictions.Result(
       preds, members=(backbone.name,), inference_gflops=_gflops(backbone, task),
-      train_steps=sum(r["steps"] for r in done) + best.steps,
-      train_examples=config.batch_size * (sum(r["steps"] for r in done) + best.steps),
-      fields={"learning_rate": best.learning_rate, "steps": best.steps,
-              "val_run": best_val["key"], "final_run": final_key, "sweep": records})
+      train_steps=total, train_examples=config.batch_size * total,
+      fields={"learning_rate": run.learning_rate, "steps": run.steps, "seed": int(seed),
+              "val_run": val_key, "final_run": final_key, "sweep": list(sweep_records)})
+
+
+def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
+  check_config(config)
+  backbone, = members
+  records, (best, _) = sweep(ctx, backbone, task, config, seed)
+  return with_setting(ctx, backbone, task, config, seed, best.learning_rate, best.steps,
+                      records)
