@@ -98,8 +98,11 @@ def ref_logme(f, y):
   return np.mean(evidences)
 
 
-def ref_rsa(x, labels, reference=None, zscore=False):
-  prep = (lambda a: StandardScaler().fit_transform(a)) if zscore else (lambda a: a)
+def ref_rsa(x, labels, reference=None, normalisation="centering"):
+  """The RSA release code (kshitijd20/RSA-CVPR19-release): features centred over
+  the examples, RDM = 1 - Pearson between examples, Spearman between RDMs."""
+  prep = {"none": lambda a: a, "centering": lambda a: a - np.mean(a, axis=0),
+          "zscore": lambda a: StandardScaler().fit_transform(a)}[normalisation]
   ref = label_rdm(labels) if reference is None else 1 - np.corrcoef(prep(reference))
   return scipy.stats.spearmanr(upper(1 - np.corrcoef(prep(x))), upper(ref)).statistic
 
@@ -312,14 +315,30 @@ def test_logme_float32_is_accurate_on_ill_conditioned_features():
   np.testing.assert_allclose(got, ref_logme(x, y), rtol=2e-5)
 
 
-def test_rsa_matches_reference():
+def test_rsa_default_centres_features_like_the_release_code():
+  """The published rule by default: features (and the reference model's) centred
+  over the examples before the RDM. Offsets make centring matter here."""
+  x, y = make_task(2)
+  rng = np.random.default_rng(4)
+  x = x + rng.normal(0, 2, D)
+  reference = np.abs(x[:, :6] @ rng.normal(size=(6, 6))) + 1.0  # non-negative, like ReLU
+  for ref in (None, reference):
+    want = ref_rsa(x, y, ref)
+    assert abs(want - ref_rsa(x, y, ref, normalisation="none")) > 0.01
+    np.testing.assert_allclose(rsa.rsa(x, y, reference_features=ref), want, rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa_batched(np.stack([x, 2 * x + 1]), y)[1],
+                             ref_rsa(x, y), rtol=RTOL)
+
+
+@pytest.mark.parametrize("normalisation", ["none", "centering", "zscore"])
+def test_rsa_matches_reference(normalisation):
   x, y = make_task(2)
   reference, _ = make_task(3, d=6)
-  np.testing.assert_allclose(rsa.rsa(x, y), ref_rsa(x, y), rtol=RTOL)
-  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference),
-                             ref_rsa(x, y, reference), rtol=RTOL)
-  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference, zscore=True),
-                             ref_rsa(x, y, reference, zscore=True), rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa(x, y, normalisation=normalisation),
+                             ref_rsa(x, y, normalisation=normalisation), rtol=RTOL)
+  np.testing.assert_allclose(
+      rsa.rsa(x, y, reference_features=reference, normalisation=normalisation),
+      ref_rsa(x, y, reference, normalisation=normalisation), rtol=RTOL)
 
 
 @pytest.mark.parametrize("normalisation,function", [
