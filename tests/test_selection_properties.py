@@ -112,7 +112,7 @@ SCALE_INVARIANT = [
     ("gbc", {"gaussian_type": "spherical"}, "global"),
     ("gbc", {"gaussian_type": "diagonal"}, "per_feature"),
     ("parc", {}, "global"),
-    ("parc", {}, "per_feature"),  # D <= 32: no PCA, z-scoring absorbs it
+    ("parc", {}, "shift"),  # not per_feature: PCA runs (and turns the axes) even for D <= 32
     ("leep", {}, "linear"),
     ("nce", {}, "linear"),
 ]

@@ -282,8 +282,10 @@ def ref_sfda(x, y):
 
 
 def ref_parc(x, y, dims):
-  if dims < x.shape[1]:
-    x = PCA(n_components=dims, svd_solver="full").fit_transform(x)
+  """dbolya/parc: PCA always (feature_reduce, with its solver settings; the
+  randomized solver is exact here, where dims + 10 >= D), z-score, RDMs, Spearman."""
+  x = PCA(n_components=min(dims, len(x)), svd_solver="randomized", random_state=1919,
+          iterated_power=1).fit_transform(x)
   x = StandardScaler().fit_transform(x)
   return scipy.stats.spearmanr(upper(1 - np.corrcoef(x)), upper(label_rdm(y))).statistic
 
@@ -420,11 +422,40 @@ def test_sfda_matches_reference():
   np.testing.assert_allclose(estimators.sfda(x, y), ref_sfda(x, y), rtol=RTOL)
 
 
-@pytest.mark.parametrize("dims", [32, 8])  # 32 > D: no PCA; 8: PCA first
+@pytest.mark.parametrize("dims", [32, 16, 8])  # PCA always: also for pca_dim >= D = 16
 def test_parc_matches_reference(dims):
   x, y = make_task(13)
   np.testing.assert_allclose(estimators.parc(x, y, pca_dim=dims), ref_parc(x, y, min(dims, D)),
                              rtol=RTOL)
+
+
+def test_parc_runs_pca_when_pca_dim_exceeds_feature_dim():
+  """The default pca_dim=32 > D: PCA (whitening, with the z-scoring) still runs,
+  which moves the score measurably; on correlated features of unequal scales."""
+  x, y = make_task(13)
+  x = x @ np.random.default_rng(14).normal(size=(D, D))
+  want = ref_parc(x, y, D)
+  zscored_only = scipy.stats.spearmanr(upper(1 - np.corrcoef(StandardScaler().fit_transform(x))),
+                                       upper(label_rdm(y))).statistic
+  assert abs(want - zscored_only) > 0.01
+  np.testing.assert_allclose(estimators.parc(x, y), want, rtol=RTOL)
+  np.testing.assert_allclose(estimators.parc_batched(np.stack([x, 2 * x]), y), [want, want],
+                             rtol=RTOL)
+
+
+def test_parc_zeroes_axes_of_rank_deficient_features():
+  """Constant and duplicated features: PCA to pca_dim >= D leaves axes of zero
+  variance, which stay 0 (exact PCA) instead of z-scored rounding noise."""
+  x, y = make_task(13)
+  x[:, 12:] = x[:, :4] * 2.0
+  x[:, 10] = 1.5
+  rank = 11
+  z = np.zeros((len(x), D))
+  z[:, :rank] = StandardScaler().fit_transform(PCA(rank, svd_solver="full").fit_transform(x))
+  want = scipy.stats.spearmanr(upper(1 - np.corrcoef(z)), upper(label_rdm(y))).statistic
+  np.testing.assert_allclose(estimators.parc(x, y), want, rtol=RTOL)
+  with jax.enable_x64(False):
+    np.testing.assert_allclose(estimators.parc(x, y), want, rtol=1e-4)
 
 
 # The default float32 path agrees with the float64 reference to float32-ish accuracy.

@@ -10,8 +10,8 @@ says where we deviate. Scale invariance (scaling all features by c > 0):
   shrinkage H    invariant to a global scale (Ledoit-Wolf shrinks towards mu I);
   GBC            spherical: global scale; diagonal: each feature's scale (both
                  as long as class variances stay above the 1e-4 floor);
-  PARC           global scale (PCA + z-scoring); each feature's scale too when
-                 D <= pca_dim (no PCA, z-scoring absorbs it);
+  PARC           global scale (PCA + z-scoring; not each feature's scale, which
+                 turns the principal axes, even when pca_dim >= D);
   LEEP, NCE      do not look at the features;
   N-LEEP         only approximately (reg_covar is absolute);
   TransRate, SFDA  not invariant (fixed eps; exp(-5 lambda_max) shrinkage).
@@ -544,9 +544,13 @@ def sfda_batched(feature_stack: Any, labels: Any, *, num_classes: int | None = N
 def _parc_core(x: jax.Array, labels: jax.Array, *, num_classes: int, pca_dim: int
                ) -> jax.Array:
   del num_classes
-  if pca_dim < x.shape[1]:
-    x = common.pca_project(x, pca_dim)
-  features_rdm = 1 - common.row_correlations(common.zscore(x))
+  evals, evecs = common.pca_spectrum(x)
+  z = (x - x.mean(0)) @ evecs[:, :pca_dim]
+  # Axes of rounding-level variance (features of rank < pca_dim) hold only noise,
+  # which z-scoring would raise to unit variance: zero them (as exact PCA would).
+  tiny = x.shape[1] * jnp.finfo(x.dtype).eps * evals[0]
+  z = jnp.where(evals[:pca_dim] > tiny, z, 0)
+  features_rdm = 1 - common.row_correlations(common.zscore(z))
   return common.spearman_with_label_rdm(features_rdm, labels)
 
 
@@ -561,8 +565,14 @@ def parc(features: Any, labels: Any, *, pca_dim: int = 32, num_classes: int | No
   """PARC (Bolya et al. 2021): Spearman correlation between the RDM (1 - Pearson
   between examples) of the PCA-reduced (to min(pca_dim, N, D)), z-scored features
   and the RDM of the one-hot labels. Returned in [-1, 1] (the authors' code
-  multiplies by 100); exact PCA with scikit-learn's sign convention (the
-  authors use randomized PCA)."""
+  multiplies by 100).
+
+  As in the authors' code (dbolya/parc, feature_reduce), PCA always runs, also
+  when pca_dim >= D: the features are then turned onto their principal axes, and
+  the z-scoring that follows whitens them. Exact PCA with scikit-learn's sign
+  convention (the authors use randomized PCA, which is exact when
+  min(pca_dim, N, D) + 10 >= D); axes whose variance is at rounding level
+  (D x eps x the largest) are set to 0 rather than z-scored."""
   data = common.check_inputs(features, labels, num_classes=num_classes)
   dim = _parc_dim(pca_dim, *data.features.shape)
   return common.run_single(_parc_core, data.features, data.labels,
