@@ -255,6 +255,7 @@ def test_estimator_specific_bad_options():
       ("gbc", {"gaussian_type": "full"}, "gaussian_type='full' is not one of"),
       ("nleep", {"num_components": 1000}, r"num_components=1000 must be an integer in \[1, N=120\]"),
       ("nleep", {"pca_variance": 1.5}, r"pca_variance must lie in \(0, 1\)"),
+      ("nleep", {"init": "k-means++"}, r"init='k-means\+\+' is not one of"),
       ("transrate", {"eps": 0.0}, "eps must be > 0"),
       ("parc", {"pca_dim": 0}, "pca_dim must be a positive integer"),
   ]
