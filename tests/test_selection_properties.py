@@ -78,25 +78,30 @@ def test_invariant_to_relabelling_classes(name):
 # (estimator, options, transform) for every scale invariance an estimator claims:
 #   global   x -> 3.7 x            per_feature  x -> x * s_d (s_d >= 1)
 #   per_example  x_i -> s_i x_i    linear       x -> x A, A invertible
+#   shift    x_i -> x_i + b        (every example moved by one vector b)
 # LogME, N-LEEP, TransRate and SFDA make no claim (eps / reg_covar / exp(-5
 # lambda) are absolute); LEEP and NCE do not read the features at all.
 _RNG = np.random.default_rng(42)
 _PER_FEATURE = _RNG.uniform(1.0, 5.0, D)
 _PER_EXAMPLE = _RNG.uniform(0.2, 5.0, (N, 1))
 _LINEAR = _RNG.normal(size=(D, D)) + 3 * np.eye(D)
+_SHIFT = _RNG.normal(0, 3, D)
 TRANSFORMS = {
     "global": lambda x: 3.7 * x,
     "per_feature": lambda x: x * _PER_FEATURE,
     "per_example": lambda x: x * _PER_EXAMPLE,
     "linear": lambda x: x @ _LINEAR,
+    "shift": lambda x: x + _SHIFT,
 }
 SCALE_INVARIANT = [
     ("knn", {"metric": "cosine", "k": 4}, "global"),
     ("knn", {"metric": "cosine", "k": 4}, "per_example"),
     ("knn", {"metric": "l2", "k": 5}, "global"),
     ("rsa", {}, "global"),
-    ("rsa", {}, "per_example"),
-    ("rsa", {"zscore": True}, "per_feature"),
+    ("rsa", {}, "shift"),   # centred over the examples (the default)
+    ("rsa", {"normalisation": "none"}, "per_example"),
+    ("rsa", {"normalisation": "zscore"}, "per_feature"),
+    ("rsa", {"normalisation": "zscore"}, "shift"),
     ("cka", {}, "global"),
     ("dds", {}, "per_feature"),   # z-score + Laplacian
     ("dds", {"normalisation": "none", "function": "rbf"}, "global"),
@@ -107,7 +112,7 @@ SCALE_INVARIANT = [
     ("gbc", {"gaussian_type": "spherical"}, "global"),
     ("gbc", {"gaussian_type": "diagonal"}, "per_feature"),
     ("parc", {}, "global"),
-    ("parc", {}, "per_feature"),  # D <= 32: no PCA, z-scoring absorbs it
+    ("parc", {}, "shift"),  # not per_feature: PCA runs (and turns the axes) even for D <= 32
     ("leep", {}, "linear"),
     ("nce", {}, "linear"),
 ]
@@ -243,12 +248,14 @@ def test_estimator_specific_bad_options():
       ("nce", {}, "exactly one of source_labels"),
       ("nce", {"source_labels": np.ones(N)}, "non-negative integer"),
       ("rsa", {"reference_features": x[:-1]}, r"reference_features must have shape \[N=120"),
+      ("rsa", {"normalisation": "l2"}, "normalisation='l2' is not one of"),
       ("dds", {"function": "poly"}, "function='poly' is not one of"),
       ("dds", {"normalisation": "l2"}, "normalisation='l2' is not one of"),
       ("cka", {"kernel": "pearson"}, "kernel='pearson' is not one of"),
       ("gbc", {"gaussian_type": "full"}, "gaussian_type='full' is not one of"),
       ("nleep", {"num_components": 1000}, r"num_components=1000 must be an integer in \[1, N=120\]"),
       ("nleep", {"pca_variance": 1.5}, r"pca_variance must lie in \(0, 1\)"),
+      ("nleep", {"init": "k-means++"}, r"init='k-means\+\+' is not one of"),
       ("transrate", {"eps": 0.0}, "eps must be > 0"),
       ("parc", {"pca_dim": 0}, "pca_dim must be a positive integer"),
   ]

@@ -114,17 +114,25 @@ def hub(seed=0, n=40):
 
 
 def test_similarity_matrix_matches_pairwise_spearman():
-  models = hub()
-  with jax.enable_x64(True):
-    similarity = rsa.rsa_similarity_matrix(models)
+  """The RSA release code's taxonomy: each model's features centred over the
+  examples, RDM = 1 - Pearson, Spearman between RDMs (uncentred on request)."""
+  rng = np.random.default_rng(1)
+  models = [f + rng.normal(0, 2, f.shape[1]) for f in hub()]  # offsets: centring matters
   upper = np.triu_indices(40, 1)
-  for i, j in itertools.combinations(range(5), 2):
-    want = scipy.stats.spearmanr((1 - np.corrcoef(models[i]))[upper],
-                                 (1 - np.corrcoef(models[j]))[upper]).statistic
-    np.testing.assert_allclose(similarity[i, j], want, rtol=1e-9)
-    assert similarity[j, i] == similarity[i, j]
-  np.testing.assert_array_equal(np.diag(similarity), 1.0)
-  assert similarity[0, 1] > similarity[0, 3]
+  for normalisation, prep in (("centering", lambda f: f - f.mean(0)), ("none", lambda f: f)):
+    with jax.enable_x64(True):
+      similarity = rsa.rsa_similarity_matrix(models, normalisation=normalisation)
+    for i, j in itertools.combinations(range(5), 2):
+      want = scipy.stats.spearmanr((1 - np.corrcoef(prep(models[i])))[upper],
+                                   (1 - np.corrcoef(prep(models[j])))[upper]).statistic
+      np.testing.assert_allclose(similarity[i, j], want, rtol=1e-9)
+      assert similarity[j, i] == similarity[i, j]
+    np.testing.assert_array_equal(np.diag(similarity), 1.0)
+  with jax.enable_x64(True):
+    np.testing.assert_array_equal(rsa.rsa_similarity_matrix(models),
+                                  rsa.rsa_similarity_matrix(models, normalisation="centering"))
+    centred = rsa.rsa_similarity_matrix(models)
+  assert centred[0, 1] > centred[0, 3]
 
 
 def test_clustering_recovers_families_and_dendrogram_is_written(tmp_path):
@@ -148,6 +156,8 @@ def test_taxonomy_bad_inputs(tmp_path):
     rsa.rsa_similarity_matrix([models[0], models[1][:-1]])
   with pytest.raises(ValueError, match="at least 2 models"):
     rsa.rsa_similarity_matrix(models[:1])
+  with pytest.raises(ValueError, match="normalisation='mean' is not one of"):
+    rsa.rsa_similarity_matrix(models, normalisation="mean")
   with pytest.raises(ValueError, match="square"):
     rsa.cluster_models(np.ones((2, 3)))
   with pytest.raises(ValueError, match="method='nearest' is not one of"):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
+from sklearn.cluster import KMeans
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 from sklearn.metrics.pairwise import cosine_similarity, euclidean_distances, laplacian_kernel
+from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
 from fusion import selection
@@ -98,8 +100,11 @@ def ref_logme(f, y):
   return np.mean(evidences)
 
 
-def ref_rsa(x, labels, reference=None, zscore=False):
-  prep = (lambda a: StandardScaler().fit_transform(a)) if zscore else (lambda a: a)
+def ref_rsa(x, labels, reference=None, normalisation="centering"):
+  """The RSA release code (kshitijd20/RSA-CVPR19-release): features centred over
+  the examples, RDM = 1 - Pearson between examples, Spearman between RDMs."""
+  prep = {"none": lambda a: a, "centering": lambda a: a - np.mean(a, axis=0),
+          "zscore": lambda a: StandardScaler().fit_transform(a)}[normalisation]
   ref = label_rdm(labels) if reference is None else 1 - np.corrcoef(prep(reference))
   return scipy.stats.spearmanr(upper(1 - np.corrcoef(prep(x))), upper(ref)).statistic
 
@@ -159,31 +164,29 @@ def ref_nce(z, y):
   return sum(p * np.log(p / marginal[zi]) for (_, zi), p in joint.items())
 
 
-def ref_gmm_posteriors(z, start_indices, max_iter=100, tol=1e-3, reg=1e-6):
-  n, d = z.shape
-  k = len(start_indices)
-  start = z[start_indices]
-  nearest = np.argmin(((z[:, None] - start[None]) ** 2).sum(-1), axis=1)
-  resp = np.eye(k)[nearest]
+def ref_gmm_m_step(z, resp, reg=1e-6):
+  """scikit-learn's _estimate_gaussian_parameters (full covariances) + reg_covar."""
+  counts = resp.sum(0) + 10 * np.finfo(float).eps
+  means = resp.T @ z / counts[:, None]
+  covs = np.stack([(resp[:, j, None] * (z - means[j])).T @ (z - means[j]) / counts[j]
+                   + reg * np.eye(z.shape[1]) for j in range(resp.shape[1])])
+  return counts / counts.sum(), means, covs
 
-  def m_step(resp):
-    counts = resp.sum(0) + 10 * np.finfo(float).eps
-    means = resp.T @ z / counts[:, None]
-    covs = np.stack([(resp[:, j, None] * (z - means[j])).T @ (z - means[j]) / counts[j]
-                     + reg * np.eye(d) for j in range(k)])
-    return counts / counts.sum(), means, covs
+
+def ref_gmm_posteriors(z, start, k, max_iter=100, tol=1e-3, reg=1e-6):
+  """EM from one M-step on the hard assignment `start` [N]."""
 
   def log_joint(params):
     weights, means, covs = params
     return np.stack([np.log(weights[j]) + scipy.stats.multivariate_normal.logpdf(z, means[j], covs[j])
                      for j in range(k)], axis=1)
 
-  params = m_step(resp)
+  params = ref_gmm_m_step(z, np.eye(k)[start], reg)
   bound = -np.inf
   for _ in range(max_iter):
     logp = log_joint(params)
     norm = scipy.special.logsumexp(logp, axis=1)
-    params = m_step(np.exp(logp - norm[:, None]))
+    params = ref_gmm_m_step(z, np.exp(logp - norm[:, None]), reg)
     change, bound = norm.mean() - bound, norm.mean()
     if abs(change) < tol:
       break
@@ -191,11 +194,55 @@ def ref_gmm_posteriors(z, start_indices, max_iter=100, tol=1e-3, reg=1e-6):
   return np.exp(logp - scipy.special.logsumexp(logp, axis=1, keepdims=True))
 
 
-def ref_nleep(x, y, dims, components_per_class, key=0):
+def ref_kmeans_plusplus(z, key, k):
+  """scikit-learn's greedy k-means++ (_kmeans_plusplus) in numpy, fed the random
+  draws that the jnp version takes from `key`: a uniform first example, then
+  float32 uniforms for the 2 + ln(k) candidates of each further centre."""
+  first_key, key = jax.random.split(jax.random.key(key))
+  n, trials = len(z), 2 + int(np.log(k))
+  centres = [z[int(jax.random.randint(first_key, (), 0, n, np.int32))]]
+  closest = ((z - centres[0]) ** 2).sum(1)
+  for c in range(1, k):
+    draws = np.asarray(jax.random.uniform(jax.random.fold_in(key, c), (trials,), np.float32),
+                       np.float64)
+    candidates = np.minimum(np.searchsorted(np.cumsum(closest), draws * closest.sum()), n - 1)
+    d2 = np.minimum(closest, ((z[candidates][:, None] - z[None]) ** 2).sum(-1))
+    best = np.argmin(d2.sum(1))
+    centres.append(z[candidates[best]])
+    closest = d2[best]
+  return np.stack(centres)
+
+
+def ref_kmeans_labels(z, key, k):
+  """scikit-learn's KMeans (Lloyd, tol 1e-4, 300 iterations) from those seeds."""
+  return KMeans(k, init=ref_kmeans_plusplus(z, key, k), n_init=1).fit(z).labels_
+
+
+def ref_nleep(x, y, dims, components_per_class, key=0, init="kmeans"):
   z = PCA(n_components=dims, svd_solver="full").fit_transform(x)
   k = components_per_class * (y.max() + 1)
-  start = np.asarray(jax.random.permutation(jax.random.key(key), len(x)))[:k]
-  return ref_leep(ref_gmm_posteriors(z, start), y)
+  if init == "kmeans":
+    start = ref_kmeans_labels(z, key, k)
+  else:  # "random_points": nearest of k examples drawn by jax.random.permutation
+    points = z[np.asarray(jax.random.permutation(jax.random.key(key), len(x)))[:k]]
+    start = np.argmin(((z[:, None] - points[None]) ** 2).sum(-1), axis=1)
+  return ref_leep(ref_gmm_posteriors(z, start, k), y)
+
+
+def ref_nleep_sklearn(x, y, dims, components_per_class, random_state=0, key=None):
+  """The published N-LEEP: scikit-learn's PCA and GaussianMixture (full
+  covariances, k-means start: its own from `random_state`, or with key the
+  parameters of the k-means start from ref_kmeans_labels), then LEEP."""
+  z = PCA(n_components=dims, svd_solver="full").fit_transform(x)
+  k = components_per_class * (y.max() + 1)
+  start = {}
+  if key is not None:
+    weights, means, covs = ref_gmm_m_step(z, np.eye(k)[ref_kmeans_labels(z, key, k)])
+    start = {"weights_init": weights, "means_init": means,
+             "precisions_init": np.linalg.inv(covs)}
+  gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-6, max_iter=100, tol=1e-3,
+                        init_params="kmeans", random_state=random_state, **start).fit(z)
+  return ref_leep(gmm.predict_proba(z), y)
 
 
 def ref_hscore(f, y):
@@ -279,8 +326,10 @@ def ref_sfda(x, y):
 
 
 def ref_parc(x, y, dims):
-  if dims < x.shape[1]:
-    x = PCA(n_components=dims, svd_solver="full").fit_transform(x)
+  """dbolya/parc: PCA always (feature_reduce, with its solver settings; the
+  randomized solver is exact here, where dims + 10 >= D), z-score, RDMs, Spearman."""
+  x = PCA(n_components=min(dims, len(x)), svd_solver="randomized", random_state=1919,
+          iterated_power=1).fit_transform(x)
   x = StandardScaler().fit_transform(x)
   return scipy.stats.spearmanr(upper(1 - np.corrcoef(x)), upper(label_rdm(y))).statistic
 
@@ -312,14 +361,30 @@ def test_logme_float32_is_accurate_on_ill_conditioned_features():
   np.testing.assert_allclose(got, ref_logme(x, y), rtol=2e-5)
 
 
-def test_rsa_matches_reference():
+def test_rsa_default_centres_features_like_the_release_code():
+  """The published rule by default: features (and the reference model's) centred
+  over the examples before the RDM. Offsets make centring matter here."""
+  x, y = make_task(2)
+  rng = np.random.default_rng(4)
+  x = x + rng.normal(0, 2, D)
+  reference = np.abs(x[:, :6] @ rng.normal(size=(6, 6))) + 1.0  # non-negative, like ReLU
+  for ref in (None, reference):
+    want = ref_rsa(x, y, ref)
+    assert abs(want - ref_rsa(x, y, ref, normalisation="none")) > 0.01
+    np.testing.assert_allclose(rsa.rsa(x, y, reference_features=ref), want, rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa_batched(np.stack([x, 2 * x + 1]), y)[1],
+                             ref_rsa(x, y), rtol=RTOL)
+
+
+@pytest.mark.parametrize("normalisation", ["none", "centering", "zscore"])
+def test_rsa_matches_reference(normalisation):
   x, y = make_task(2)
   reference, _ = make_task(3, d=6)
-  np.testing.assert_allclose(rsa.rsa(x, y), ref_rsa(x, y), rtol=RTOL)
-  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference),
-                             ref_rsa(x, y, reference), rtol=RTOL)
-  np.testing.assert_allclose(rsa.rsa(x, y, reference_features=reference, zscore=True),
-                             ref_rsa(x, y, reference, zscore=True), rtol=RTOL)
+  np.testing.assert_allclose(rsa.rsa(x, y, normalisation=normalisation),
+                             ref_rsa(x, y, normalisation=normalisation), rtol=RTOL)
+  np.testing.assert_allclose(
+      rsa.rsa(x, y, reference_features=reference, normalisation=normalisation),
+      ref_rsa(x, y, reference, normalisation=normalisation), rtol=RTOL)
 
 
 @pytest.mark.parametrize("normalisation,function", [
@@ -361,10 +426,91 @@ def test_leep_and_nce_match_reference():
 NLEEP_OPTIONS = {"pca_dim": 8, "components_per_class": 2}
 
 
-def test_nleep_matches_reference():
+@pytest.mark.parametrize("init", ["kmeans", "random_points"])
+def test_nleep_matches_reference(init):
   x, y = make_task(8, separation=0.7)  # Overlapping classes: N-LEEP well below 0.
-  got = estimators.nleep(x, y, **NLEEP_OPTIONS)
-  np.testing.assert_allclose(got, ref_nleep(x, y, 8, 2), rtol=RTOL)
+  got = estimators.nleep(x, y, init=init, **NLEEP_OPTIONS)
+  np.testing.assert_allclose(got, ref_nleep(x, y, 8, 2, init=init), rtol=RTOL)
+
+
+def make_mixture_task(seed, separation, n=N, d=D, components_per_class=2, label_noise=0.2):
+  """C=3 classes of `components_per_class` Gaussian clusters each, centred at
+  +-separation on the axes of a 4-dim latent space, mapped to d dims; a share
+  `label_noise` of labels is redrawn, so N-LEEP depends on the fitted clusters."""
+  rng = np.random.default_rng(seed)
+  k = 3 * components_per_class
+  cluster = np.arange(n) % k
+  labels = np.where(rng.random(n) < label_noise, rng.integers(0, 3, n), cluster % 3)
+  centres = np.concatenate([np.eye(4), -np.eye(4)])[:k] * separation
+  latent = rng.normal(size=(n, 4)) * rng.uniform(0.7, 1.3, 4) + centres[cluster]
+  return latent @ rng.normal(size=(4, d)) + 0.05 * rng.normal(size=(n, d)), labels
+
+
+def test_kmeans_matches_sklearn_from_the_same_seeds():
+  """The k-means start: greedy k-means++ seeds as scikit-learn picks them (given
+  the same random draws), then the labels of scikit-learn's KMeans from them."""
+  x, _ = make_mixture_task(0, separation=1.5)  # overlapping: Lloyd takes many steps
+  z = PCA(n_components=8, svd_solver="full").fit_transform(x)
+  tol = 1e-4 * np.var(z, 0).mean()
+
+  @jax.jit
+  def seeds_and_labels(key):
+    zj = jax.numpy.asarray(z)
+    return (estimators.kmeans_plusplus(zj, key, 6),
+            estimators.kmeans(zj, key, num_clusters=6, tol=tol))
+
+  for key in range(3):
+    seeds, labels = seeds_and_labels(jax.random.key(key))
+    np.testing.assert_allclose(seeds, ref_kmeans_plusplus(z, key, 6), rtol=1e-12)
+    np.testing.assert_array_equal(labels, ref_kmeans_labels(z, key, 6))
+
+
+def test_lloyd_relocates_empty_clusters_like_sklearn():
+  """Two initial centres far from every example: both clusters start empty, and
+  each takes one of the examples farthest from their centres (scikit-learn's rule)."""
+  x, _ = make_mixture_task(0, separation=1.5)
+  z = PCA(n_components=8, svd_solver="full").fit_transform(x)
+  centres = z[:6].copy()
+  centres[4:] = [[100.0], [-100.0]]
+  tol = 1e-4 * np.var(z, 0).mean()
+  want = KMeans(6, init=centres, n_init=1).fit(z).labels_
+  labels = jax.jit(estimators.lloyd)(z, centres, tol=tol)
+  assert len(set(want.tolist())) == 6
+  np.testing.assert_array_equal(labels, want)
+
+
+def test_nleep_matches_sklearn_gaussian_mixture_on_separated_clusters():
+  """Clusters far apart: scikit-learn's GaussianMixture(init_params='kmeans')
+  finds one optimum whatever its random_state, and N-LEEP's default start does too."""
+  x, y = make_mixture_task(0, separation=10.0)
+  want = [ref_nleep_sklearn(x, y, 8, 2, random_state=seed) for seed in range(3)]
+  np.testing.assert_allclose(want, want[0], rtol=1e-9)
+  for key in range(3):
+    np.testing.assert_allclose(estimators.nleep(x, y, key=key, **NLEEP_OPTIONS), want[0],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("separation", [2.0, 1.0])
+def test_nleep_matches_sklearn_gaussian_mixture_on_overlapping_clusters(separation):
+  """Overlapping clusters: scikit-learn's own score moves with its random_state
+  (by up to 0.06 nats here), so its GaussianMixture starts from the parameters
+  of the same k-means start (same seeds, scikit-learn's KMeans)."""
+  x, y = make_mixture_task(0, separation=separation)
+  for key in range(2):
+    np.testing.assert_allclose(estimators.nleep(x, y, key=key, **NLEEP_OPTIONS),
+                               ref_nleep_sklearn(x, y, 8, 2, key=key), rtol=1e-6)
+
+
+def test_nleep_kmeans_start_beats_random_points():
+  """Where random points start two components in one cluster, EM stays stuck
+  there: the old start scored 0.05-0.27 nats below the k-means one here."""
+  x, y = make_mixture_task(0, separation=10.0)
+  kmeans = [estimators.nleep(x, y, key=key, **NLEEP_OPTIONS) for key in range(5)]
+  points = [estimators.nleep(x, y, key=key, init="random_points", **NLEEP_OPTIONS)
+            for key in range(5)]
+  np.testing.assert_allclose(kmeans, kmeans[0], rtol=1e-9)
+  assert np.mean(kmeans) - np.mean(points) > 0.1
+  assert all(k - p > 0.03 for k, p in zip(kmeans, points))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95])
@@ -401,11 +547,40 @@ def test_sfda_matches_reference():
   np.testing.assert_allclose(estimators.sfda(x, y), ref_sfda(x, y), rtol=RTOL)
 
 
-@pytest.mark.parametrize("dims", [32, 8])  # 32 > D: no PCA; 8: PCA first
+@pytest.mark.parametrize("dims", [32, 16, 8])  # PCA always: also for pca_dim >= D = 16
 def test_parc_matches_reference(dims):
   x, y = make_task(13)
   np.testing.assert_allclose(estimators.parc(x, y, pca_dim=dims), ref_parc(x, y, min(dims, D)),
                              rtol=RTOL)
+
+
+def test_parc_runs_pca_when_pca_dim_exceeds_feature_dim():
+  """The default pca_dim=32 > D: PCA (whitening, with the z-scoring) still runs,
+  which moves the score measurably; on correlated features of unequal scales."""
+  x, y = make_task(13)
+  x = x @ np.random.default_rng(14).normal(size=(D, D))
+  want = ref_parc(x, y, D)
+  zscored_only = scipy.stats.spearmanr(upper(1 - np.corrcoef(StandardScaler().fit_transform(x))),
+                                       upper(label_rdm(y))).statistic
+  assert abs(want - zscored_only) > 0.01
+  np.testing.assert_allclose(estimators.parc(x, y), want, rtol=RTOL)
+  np.testing.assert_allclose(estimators.parc_batched(np.stack([x, 2 * x]), y), [want, want],
+                             rtol=RTOL)
+
+
+def test_parc_zeroes_axes_of_rank_deficient_features():
+  """Constant and duplicated features: PCA to pca_dim >= D leaves axes of zero
+  variance, which stay 0 (exact PCA) instead of z-scored rounding noise."""
+  x, y = make_task(13)
+  x[:, 12:] = x[:, :4] * 2.0
+  x[:, 10] = 1.5
+  rank = 11
+  z = np.zeros((len(x), D))
+  z[:, :rank] = StandardScaler().fit_transform(PCA(rank, svd_solver="full").fit_transform(x))
+  want = scipy.stats.spearmanr(upper(1 - np.corrcoef(z)), upper(label_rdm(y))).statistic
+  np.testing.assert_allclose(estimators.parc(x, y), want, rtol=RTOL)
+  with jax.enable_x64(False):
+    np.testing.assert_allclose(estimators.parc(x, y), want, rtol=1e-4)
 
 
 # The default float32 path agrees with the float64 reference to float32-ish accuracy.

@@ -10,8 +10,8 @@ says where we deviate. Scale invariance (scaling all features by c > 0):
   shrinkage H    invariant to a global scale (Ledoit-Wolf shrinks towards mu I);
   GBC            spherical: global scale; diagonal: each feature's scale (both
                  as long as class variances stay above the 1e-4 floor);
-  PARC           global scale (PCA + z-scoring); each feature's scale too when
-                 D <= pca_dim (no PCA, z-scoring absorbs it);
+  PARC           global scale (PCA + z-scoring; not each feature's scale, which
+                 turns the principal axes, even when pca_dim >= D);
   LEEP, NCE      do not look at the features;
   N-LEEP         only approximately (reg_covar is absolute);
   TransRate, SFDA  not invariant (fixed eps; exp(-5 lambda_max) shrinkage).
@@ -165,20 +165,117 @@ def _gmm_m_step(z, resp, reg_covar):
   return means, cov, jnp.log(counts / counts.sum())
 
 
-def gmm_posteriors(z: jax.Array, key: jax.Array, *, num_components: int, max_iter: int,
+GMM_INITS = ("kmeans", "random_points")
+KMEANS_MAX_ITER = 300   # scikit-learn's KMeans defaults
+KMEANS_TOL = 1e-4
+
+
+def _squared_distances(z: jax.Array, centres: jax.Array) -> jax.Array:
+  """|z_i - c_k|^2 -> [N, K], expanded as scikit-learn computes it."""
+  d2 = (jnp.sum(z * z, axis=1)[:, None] - 2 * z @ centres.T
+        + jnp.sum(centres * centres, axis=1)[None, :])
+  return jnp.maximum(d2, 0)
+
+
+def kmeans_plusplus(z: jax.Array, key: jax.Array, num_clusters: int) -> jax.Array:
+  """Greedy k-means++ seeding (scikit-learn's kmeans_plusplus) -> centres [K, d].
+
+  The first centre is a uniformly drawn example; each further one is the best,
+  by the resulting sum of squared distances to the nearest centre, of
+  2 + floor(ln K) candidates drawn with probability proportional to that
+  squared distance."""
+  n = z.shape[0]
+  trials = 2 + int(np.log(num_clusters))
+  first_key, key = jax.random.split(key)
+  first = z[jax.random.randint(first_key, (), 0, n, jnp.int32)]
+  centres = jnp.zeros((num_clusters, z.shape[1]), z.dtype).at[0].set(first)
+  closest = _squared_distances(z, first[None])[:, 0]
+
+  def add_centre(c, state):
+    centres, closest = state
+    # float32 draws in either precision: float32 and float64 runs pick alike
+    draws = jax.random.uniform(jax.random.fold_in(key, c), (trials,), jnp.float32)
+    draws = draws.astype(z.dtype)
+    candidates = jnp.minimum(jnp.searchsorted(jnp.cumsum(closest), draws * closest.sum()),
+                             n - 1)
+    d2 = jnp.minimum(closest[None, :], _squared_distances(z[candidates], z))    # [T, N]
+    best = jnp.argmin(d2.sum(1))
+    return centres.at[c].set(z[candidates[best]]), d2[best]
+
+  centres, _ = jax.lax.fori_loop(1, num_clusters, add_centre, (centres, closest))
+  return centres
+
+
+def _lloyd_update(z: jax.Array, labels: jax.Array, d2: jax.Array, num_clusters: int
+                  ) -> jax.Array:
+  """New centres: the means of their examples. As in scikit-learn, an empty
+  cluster takes the example farthest from its centre (the i-th empty cluster
+  the i-th farthest), and a cluster left empty sits on the largest one."""
+  onehot = jax.nn.one_hot(labels, num_clusters, dtype=z.dtype)
+  counts, sums = onehot.sum(0), onehot.T @ z
+  own = jnp.take_along_axis(d2, labels[:, None], axis=1)[:, 0]
+  empty = (counts == 0) & (jnp.max(own) > 0)
+  farthest = jax.lax.top_k(own, num_clusters)[1]
+  moved = farthest[jnp.maximum(jnp.cumsum(empty) - 1, 0)]         # per cluster, if empty
+  take = empty.astype(z.dtype)
+  sums = sums.at[labels[moved]].add(-take[:, None] * z[moved])
+  counts = counts.at[labels[moved]].add(-take)
+  sums = jnp.where(empty[:, None], z[moved], sums)
+  counts = jnp.where(empty, 1, counts)
+  means = sums / jnp.where(counts > 0, counts, 1)[:, None]
+  return jnp.where((counts > 0)[:, None], means, means[jnp.argmax(counts)])
+
+
+def lloyd(z: jax.Array, centres: jax.Array, *, tol: jax.Array | float,
+          max_iter: int = KMEANS_MAX_ITER) -> jax.Array:
+  """Lloyd's k-means iterations from `centres` [K, d], as scikit-learn's KMeans
+  (algorithm 'lloyd') runs them -> labels [N]: stop when no label changes, or
+  when the squared shift of all centres is at most `tol` (absolute), or after
+  `max_iter` iterations; the labels are those of the final centres."""
+  num_clusters = centres.shape[0]
+
+  def cond(state):
+    step, _, _, done = state
+    return (step < max_iter) & ~done
+
+  def body(state):
+    step, centres, previous, _ = state
+    d2 = _squared_distances(z, centres)
+    labels = jnp.argmin(d2, axis=1).astype(jnp.int32)
+    new = _lloyd_update(z, labels, d2, num_clusters)
+    done = jnp.all(labels == previous) | (jnp.sum((new - centres) ** 2) <= tol)
+    return step + 1, new, labels, done
+
+  start = (0, centres, jnp.full(z.shape[:1], -1, jnp.int32), jnp.asarray(False))
+  _, centres, _, _ = jax.lax.while_loop(cond, body, start)
+  return jnp.argmin(_squared_distances(z, centres), axis=1)
+
+
+def kmeans(z: jax.Array, key: jax.Array, *, num_clusters: int, tol: jax.Array | float,
+           max_iter: int = KMEANS_MAX_ITER) -> jax.Array:
+  """k-means as scikit-learn's KMeans(n_init=1) with its defaults -> labels [N]:
+  k-means++ seeding from `key` (kmeans_plusplus), then Lloyd iterations (lloyd).
+  scikit-learn's `tol` is relative: pass 1e-4 x the mean variance of z's columns."""
+  return lloyd(z, kmeans_plusplus(z, key, num_clusters), tol=tol, max_iter=max_iter)
+
+
+def _random_points_labels(z: jax.Array, key: jax.Array, num_clusters: int) -> jax.Array:
+  """Each example's nearest of `num_clusters` examples drawn without replacement."""
+  start = z[jax.random.permutation(key, z.shape[0])[:num_clusters]]
+  return jnp.argmin(jnp.sum((z[:, None, :] - start[None, :, :]) ** 2, axis=-1), axis=1)
+
+
+def gmm_posteriors(z: jax.Array, start: jax.Array, *, num_components: int, max_iter: int,
                    tol: float, reg_covar: float) -> jax.Array:
   """Full-covariance Gaussian mixture fitted by EM; returns p(component | z_i).
 
-  Initialisation: the first `num_components` examples of
-  jax.random.permutation(key, N) are the initial means; every example is
-  assigned to its nearest initial mean and one M-step gives the starting
-  parameters. EM then stops when the mean log-likelihood changes by less than
-  `tol`, or after `max_iter` iterations (scikit-learn's rule); the posteriors
-  come from a final E-step.
+  `start` [N] gives each example's initial component (for scikit-learn's
+  init_params='kmeans', the k-means labels); one M-step on that hard assignment
+  gives the starting parameters. EM then stops when the mean log-likelihood
+  changes by less than `tol`, or after `max_iter` iterations (scikit-learn's
+  rule); the posteriors come from a final E-step.
   """
-  start = z[jax.random.permutation(key, z.shape[0])[:num_components]]
-  d2 = jnp.sum((z[:, None, :] - start[None, :, :]) ** 2, axis=-1)
-  resp = jax.nn.one_hot(jnp.argmin(d2, axis=1), num_components, dtype=z.dtype)
+  resp = jax.nn.one_hot(start, num_components, dtype=z.dtype)
   params = _gmm_m_step(z, resp, reg_covar)
 
   def cond(state):
@@ -201,24 +298,32 @@ def gmm_posteriors(z: jax.Array, key: jax.Array, *, num_components: int, max_ite
 
 def _nleep_core(x: jax.Array, keep_dims: jax.Array, labels: jax.Array, key: jax.Array, *,
                 num_classes: int, pca_dim: int, num_components: int, max_iter: int,
-                tol: float, reg_covar: float) -> jax.Array:
+                tol: float, reg_covar: float, init: str) -> jax.Array:
   # Dimensions past this model's own `keep_dims` are zeroed: every component
   # then has mean 0 and variance reg_covar there, which shifts all log densities
   # by the same constant and leaves the posteriors unchanged (so models with
-  # different PCA sizes can share one vmapped computation).
+  # different PCA sizes can share one vmapped computation). They add nothing to
+  # k-means distances, and its tolerance averages the kept dimensions only.
   z = common.pca_project(x, pca_dim)
   z = jnp.where(jnp.arange(pca_dim) < keep_dims, z, 0)
+  total_variance = jnp.sum(jnp.var(z, axis=0))
+  if init == "kmeans":
+    start = kmeans(z, key, num_clusters=num_components,
+                   tol=KMEANS_TOL * total_variance / keep_dims)
+  else:
+    start = _random_points_labels(z, key, num_components)
   # In float32 a ridge far below eps x the data's variance is lost to rounding and
   # a collapsing component's Cholesky factor turns NaN: floor the ridge there.
   # (In float64 the floor is ~1e-15 x the variance: scikit-learn's reg_covar.)
-  floor = 10 * jnp.finfo(z.dtype).eps * jnp.sum(jnp.var(z, axis=0))
-  posteriors = gmm_posteriors(z, key, num_components=num_components, max_iter=max_iter,
+  floor = 10 * jnp.finfo(z.dtype).eps * total_variance
+  posteriors = gmm_posteriors(z, start, num_components=num_components, max_iter=max_iter,
                               tol=tol, reg_covar=jnp.maximum(reg_covar, floor))
   return common.leep_from_probs(posteriors, labels, num_classes)
 
 
 def _nleep_options(data, features_per_model, pca_variance, pca_dim, components_per_class,
-                   num_components, max_iter, tol, reg_covar, key):
+                   num_components, max_iter, tol, reg_covar, init, key):
+  common.check_choice("init", init, GMM_INITS)
   d = data.features.shape[-1]
   if pca_dim is not None:
     if int(pca_dim) != pca_dim or not 1 <= pca_dim <= d:
@@ -239,14 +344,14 @@ def _nleep_options(data, features_per_model, pca_variance, pca_dim, components_p
     key = jax.random.key(int(key or 0))
   static = dict(num_classes=data.num_classes, pca_dim=max(dims),
                 num_components=int(num_components), max_iter=int(max_iter),
-                tol=float(tol), reg_covar=float(reg_covar))
+                tol=float(tol), reg_covar=float(reg_covar), init=init)
   return jnp.asarray(dims, jnp.int32), key, static
 
 
 def nleep(features: Any, labels: Any, *, pca_variance: float = 0.8,
           pca_dim: int | None = None, components_per_class: int = 5,
           num_components: int | None = None, max_iter: int = 100, tol: float = 1e-3,
-          reg_covar: float = 1e-6, key: jax.Array | int | None = None,
+          reg_covar: float = 1e-6, init: str = "kmeans", key: jax.Array | int | None = None,
           num_classes: int | None = None) -> float:
   """N-LEEP (Li et al., "Ranking Neural Checkpoints", 2021): LEEP with the source
   head replaced by a Gaussian mixture on PCA-reduced features.
@@ -254,29 +359,37 @@ def nleep(features: Any, labels: Any, *, pca_variance: float = 0.8,
   PCA keeps the smallest number of axes explaining more than `pca_variance` of
   the variance (or exactly `pca_dim`); the mixture has `components_per_class` x C
   full-covariance components (or `num_components`), fitted in jnp by EM (see
-  gmm_posteriors; scikit-learn is not needed); `key` (a PRNG key or an int seed)
-  seeds its initialisation (default jax.random.key(0)). `reg_covar` is added to
-  every covariance's diagonal; in float32 it is at least 10 eps x the total
-  variance of the projected features, below which float32 cannot keep it.
+  gmm_posteriors; scikit-learn is not needed) as scikit-learn's GaussianMixture
+  does. `init` picks its start: "kmeans" (default, GaussianMixture's
+  init_params='kmeans', the published N-LEEP's): the labels of k-means with
+  k-means++ seeding (see kmeans); "random_points": each example's nearest of
+  `num_components` random examples (the default before issue #9; it often
+  stops in a poorer local optimum, 0.05-0.35 nats lower). `key` (a PRNG key or
+  an int seed) seeds either (default jax.random.key(0)). The draws are JAX's,
+  not NumPy's: where k-means has several local optima, the score for one key
+  can differ from scikit-learn's for one random_state as much as scikit-learn's
+  own scores differ between random states. `reg_covar` is added to every
+  covariance's diagonal; in float32 it is at least 10 eps x the total variance
+  of the projected features, below which float32 cannot keep it.
   """
   data = common.check_inputs(features, labels, num_classes=num_classes)
   dims, key, static = _nleep_options(data, [data.features], pca_variance, pca_dim,
                                      components_per_class, num_components, max_iter, tol,
-                                     reg_covar, key)
+                                     reg_covar, init, key)
   return common.run_single(_nleep_core, data.features, dims[0], data.labels, key, **static)
 
 
 def nleep_batched(feature_stack: Any, labels: Any, *, pca_variance: float = 0.8,
                   pca_dim: int | None = None, components_per_class: int = 5,
                   num_components: int | None = None, max_iter: int = 100,
-                  tol: float = 1e-3, reg_covar: float = 1e-6,
+                  tol: float = 1e-3, reg_covar: float = 1e-6, init: str = "kmeans",
                   key: jax.Array | int | None = None, num_classes: int | None = None
                   ) -> np.ndarray:
   """nleep of each model in a stack [M, N, D] (same key for every model) -> [M]."""
   data = common.check_stack(feature_stack, labels, num_classes=num_classes)
   dims, key, static = _nleep_options(data, list(data.features), pca_variance, pca_dim,
                                      components_per_class, num_components, max_iter, tol,
-                                     reg_covar, key)
+                                     reg_covar, init, key)
   return common.run_batched(_nleep_core, data.features, dims, data.labels, key,
                             num_mapped=2, **static)
 
@@ -544,9 +657,13 @@ def sfda_batched(feature_stack: Any, labels: Any, *, num_classes: int | None = N
 def _parc_core(x: jax.Array, labels: jax.Array, *, num_classes: int, pca_dim: int
                ) -> jax.Array:
   del num_classes
-  if pca_dim < x.shape[1]:
-    x = common.pca_project(x, pca_dim)
-  features_rdm = 1 - common.row_correlations(common.zscore(x))
+  evals, evecs = common.pca_spectrum(x)
+  z = (x - x.mean(0)) @ evecs[:, :pca_dim]
+  # Axes of rounding-level variance (features of rank < pca_dim) hold only noise,
+  # which z-scoring would raise to unit variance: zero them (as exact PCA would).
+  tiny = x.shape[1] * jnp.finfo(x.dtype).eps * evals[0]
+  z = jnp.where(evals[:pca_dim] > tiny, z, 0)
+  features_rdm = 1 - common.row_correlations(common.zscore(z))
   return common.spearman_with_label_rdm(features_rdm, labels)
 
 
@@ -561,8 +678,14 @@ def parc(features: Any, labels: Any, *, pca_dim: int = 32, num_classes: int | No
   """PARC (Bolya et al. 2021): Spearman correlation between the RDM (1 - Pearson
   between examples) of the PCA-reduced (to min(pca_dim, N, D)), z-scored features
   and the RDM of the one-hot labels. Returned in [-1, 1] (the authors' code
-  multiplies by 100); exact PCA with scikit-learn's sign convention (the
-  authors use randomized PCA)."""
+  multiplies by 100).
+
+  As in the authors' code (dbolya/parc, feature_reduce), PCA always runs, also
+  when pca_dim >= D: the features are then turned onto their principal axes, and
+  the z-scoring that follows whitens them. Exact PCA with scikit-learn's sign
+  convention (the authors use randomized PCA, which is exact when
+  min(pca_dim, N, D) + 10 >= D); axes whose variance is at rounding level
+  (D x eps x the largest) are set to 0 rather than z-scored."""
   data = common.check_inputs(features, labels, num_classes=num_classes)
   dim = _parc_dim(pca_dim, *data.features.shape)
   return common.run_single(_parc_core, data.features, data.labels,

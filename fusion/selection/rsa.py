@@ -10,9 +10,14 @@ RSA (Dwivedi & Roig, "Representation Similarity Analysis for Efficient Task
 Taxonomy & Transfer Learning", CVPR 2019): the representational dissimilarity
 matrix (RDM) of a representation is 1 - Pearson correlation between the feature
 vectors of each pair of examples; two representations are compared by the
-Spearman correlation of their RDMs' upper triangles. The one-hot label RDM is
-two-valued (0 within a class, 1 + 1/(C-1) across), so we build it exactly as
-the indicator [y_i != y_j], which has the same ranks.
+Spearman correlation of their RDMs' upper triangles. As in the authors' release
+code (kshitijd20/RSA-CVPR19-release, create_taskonomy_RDMs_enc_final.py), each
+representation's features are first centred over the examples (normalisation
+"centering", the default); "zscore" also scales each feature to unit variance
+(as dbolya/parc's RSA does) and "none" takes the RDM of the raw features. The
+one-hot label RDM is two-valued (0 within a class, 1 + 1/(C-1) across), so we
+build it exactly as the indicator [y_i != y_j], which has the same ranks; the
+normalisation applies to features, not to labels.
 
 DDS (Dwivedi et al., "Duality Diagram Similarity", ECCV 2020; conventions of
 cvai-roig-lab/duality-diagram-similarity): normalise features (none, centring,
@@ -25,12 +30,16 @@ Debiased CKA (Kornblith et al. 2019, with the unbiased HSIC estimator of Song
 et al. 2012): HSIC_u(K, L) / sqrt(HSIC_u(K, K) HSIC_u(L, L)), computed through
 U-centred Gram matrices.
 
-Invariances: RSA is invariant to scaling (and shifting) each example's features;
+Invariances: RSA (centred, the default) is invariant to scaling all features by
+one constant and to shifting every example by the same vector; with z-scoring
+also to scaling each feature; without normalisation to scaling and shifting
+each example's features instead;
 CKA with a linear kernel to scaling all features by one constant and to
 rotations; DDS with z-scoring to scaling each feature, and otherwise (linear,
 RBF-median, Pearson, Euclidean, cosine) to scaling all features by a constant;
 the Laplacian kernel's fixed 1/D bandwidth is not scale-invariant.
 """
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -118,13 +127,13 @@ def _reference_or_labels(reference: jax.Array | None, labels: jax.Array,
 
 
 def _rsa_core(x: jax.Array, labels: jax.Array, reference: jax.Array | None = None, *,
-              num_classes: int, zscore: bool) -> jax.Array:
+              num_classes: int, normalisation: str) -> jax.Array:
   del num_classes  # labels enter through their RDM
-  prep = common.zscore if zscore else (lambda a: a)
+  features_rdm = rdm(_normalise(x, normalisation))
   if reference is None:
-    return common.spearman_with_label_rdm(rdm(prep(x)), labels)
-  return common.spearman(common.upper_triangle(rdm(prep(x))),
-                         common.upper_triangle(rdm(prep(reference))))
+    return common.spearman_with_label_rdm(features_rdm, labels)
+  return common.spearman(common.upper_triangle(features_rdm),
+                         common.upper_triangle(rdm(_normalise(reference, normalisation))))
 
 
 def _dds_core(x: jax.Array, labels: jax.Array, reference: jax.Array | None = None, *,
@@ -153,26 +162,37 @@ def _prepare_reference(reference: Any, n: int) -> tuple[jax.Array, ...]:
 # ------------------------------------------------------------------ estimators
 
 
-def rsa(features: Any, labels: Any, *, reference_features: Any = None, zscore: bool = False,
-        num_classes: int | None = None) -> float:
+def _check_rsa(normalisation: str, n: int) -> None:
+  common.check_choice("normalisation", normalisation, NORMALISATIONS)
+  _min_examples(n, 3, "RSA")
+
+
+def rsa(features: Any, labels: Any, *, reference_features: Any = None,
+        normalisation: str = "centering", num_classes: int | None = None) -> float:
   """Spearman correlation between the RDM of `features` and that of the reference
-  (`reference_features` [N, D_ref], or the one-hot labels when None). `zscore`
-  standardises each feature over the probe set first (as PARC's code does)."""
+  (`reference_features` [N, D_ref], or the one-hot labels when None).
+
+  normalisation, applied to the features and the reference features before
+  their RDMs: "centering" (default) subtracts each feature's mean over the probe
+  set, as the RSA authors' release code does; "zscore" also divides by its
+  standard deviation (as PARC's code does); "none" uses the raw features (the
+  default before issue #9)."""
   data = common.check_inputs(features, labels, num_classes=num_classes)
-  _min_examples(data.num_examples, 3, "RSA")
+  _check_rsa(normalisation, data.num_examples)
   ref = _prepare_reference(reference_features, data.num_examples)
   return common.run_single(_rsa_core, data.features, data.labels, *ref,
-                           num_classes=data.num_classes, zscore=bool(zscore))
+                           num_classes=data.num_classes, normalisation=normalisation)
 
 
 def rsa_batched(feature_stack: Any, labels: Any, *, reference_features: Any = None,
-                zscore: bool = False, num_classes: int | None = None) -> np.ndarray:
+                normalisation: str = "centering", num_classes: int | None = None
+                ) -> np.ndarray:
   """rsa of each model in a stack [M, N, D] against one shared reference -> [M]."""
   data = common.check_stack(feature_stack, labels, num_classes=num_classes)
-  _min_examples(data.num_examples, 3, "RSA")
+  _check_rsa(normalisation, data.num_examples)
   ref = _prepare_reference(reference_features, data.num_examples)
   return common.run_batched(_rsa_core, data.features, data.labels, *ref,
-                            num_classes=data.num_classes, zscore=bool(zscore))
+                            num_classes=data.num_classes, normalisation=normalisation)
 
 
 def _check_dds(normalisation: str, function: str, n: int) -> None:
@@ -241,23 +261,26 @@ def cka_batched(feature_stack: Any, labels: Any, *, reference_features: Any = No
 # ------------------------------------------------------------------ hub taxonomy
 
 
-@jax.jit
-def _standardised_rdm_ranks(x: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="normalisation")
+def _standardised_rdm_ranks(x: jax.Array, normalisation: str) -> jax.Array:
   """Ranks of the RDM's upper triangle, centred and scaled to unit norm, so the
   Spearman correlation of two models is the dot product of their vectors."""
-  ranks = common.rankdata(common.upper_triangle(rdm(x)))
+  ranks = common.rankdata(common.upper_triangle(rdm(_normalise(x, normalisation))))
   ranks = ranks - ranks.mean()
   return ranks / jnp.linalg.norm(ranks)
 
 
-def rsa_similarity_matrix(features: Sequence[Any]) -> np.ndarray:
+def rsa_similarity_matrix(features: Sequence[Any], *, normalisation: str = "centering"
+                          ) -> np.ndarray:
   """RSA (Spearman of RDMs) between every pair of M models -> [M, M].
 
   features: one [N, D_m] array per model, all on the same N probe examples (D_m
-  may differ). Memory grows as M * N^2 / 2, so use a probe set of a few hundred
-  examples for large hubs."""
+  may differ). Each model's features are normalised as in `rsa` (default: centred
+  over the examples, as the RSA authors' taxonomy code does). Memory grows as
+  M * N^2 / 2, so use a probe set of a few hundred examples for large hubs."""
   if len(features) < 2:
     raise ValueError(f"need features of at least 2 models; got {len(features)}.")
+  common.check_choice("normalisation", normalisation, NORMALISATIONS)
   vectors, n = [], None
   for m, f in enumerate(features):
     f = np.asarray(f)
@@ -266,7 +289,8 @@ def rsa_similarity_matrix(features: Sequence[Any]) -> np.ndarray:
                        f"examples as model 0; got shape {f.shape}.")
     n = f.shape[0]
     _min_examples(n, 3, "RSA")
-    vectors.append(_standardised_rdm_ranks(common.check_reference(f, n, f"features of model {m}")))
+    vectors.append(_standardised_rdm_ranks(
+        common.check_reference(f, n, f"features of model {m}"), normalisation))
   stacked = jnp.stack(vectors)
   similarity = np.array(stacked @ stacked.T, np.float64)
   np.fill_diagonal(similarity, 1.0)
