@@ -12,7 +12,7 @@ from fusion.data import tasks
 from fusion.selection import reference
 
 TASK = tasks.get("digits")
-SPLITS = {"train800": slice(0, 800), "val200": slice(800, 1000)}  # Digits' split order.
+SPLITS = {"train800": slice(0, 800), "val200": slice(800, 1000)}  # As synthetic.Digits splits.
 
 
 @pytest.fixture(scope="module")
