@@ -8,10 +8,13 @@ through `train`. Conventions:
   - `(metrics, new_params)`: `new_params` has the structure of `params` and
     carries updated non-trainable leaves (e.g. ResNet `batch_stats`).
   Which leaves the optimizer updates is the `trainable` mask of `train` (a
-  pytree prefix of `params` with bool leaves; default: all). Gradients are
-  taken only w.r.t. trainable leaves; the optimizer never sees the others, so
-  they neither decay nor move, and they take the values of `new_params` (or
-  stay as they are). The trainable leaves of `new_params` are ignored.
+  pytree prefix of `params` with bool leaves). Default: every leaf except those
+  under a key named `batch_stats` (BatchNorm running statistics, which
+  `loss_fn` updates itself, e.g. `Backbone.features_train`); an explicit mask
+  wins. Gradients are taken only w.r.t. trainable leaves; the optimizer never
+  sees the others, so they neither decay nor move, and they take the values of
+  `new_params` (or stay as they are). The trainable leaves of `new_params` are
+  ignored.
 * `batch_fn(step) -> pytree of host numpy arrays`, the global batch; it must be
   a deterministic function of the 0-based step so that a resumed run sees the
   same data. The step's rng is `jax.random.fold_in(state.rng, step)`.
@@ -245,16 +248,35 @@ class _Hashable:
     return isinstance(other, _Hashable) and self._key == other._key
 
 
+NON_TRAINABLE_KEYS = ("batch_stats",)
+
+
+def _key_name(key: Any) -> Any:
+  if isinstance(key, jax.tree_util.DictKey):
+    return key.key
+  return getattr(key, "name", None)  # GetAttrKey (dataclasses, flax structs).
+
+
+def _default_trainable(params: Any) -> Any:
+  """The default mask: False under any key named in NON_TRAINABLE_KEYS."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(_key_name(k) in NON_TRAINABLE_KEYS for k in path), params)
+
+
 def _full_mask(trainable: Any, params: Any) -> Any:
-  """Broadcasts a prefix tree of bools onto params' structure."""
+  """Broadcasts a prefix tree of bools onto params' structure (None: the default)."""
   if trainable is None:
-    trainable = True
-  try:
-    mask = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
-                        trainable, params)
-  except ValueError as e:
-    raise ValueError("`trainable` must be a pytree prefix of params with bool "
-                     f"leaves: {e}") from e
+    mask = _default_trainable(params)
+    if jax.tree.leaves(mask) and not any(jax.tree.leaves(mask)):
+      raise ValueError(f"Every parameter sits under {NON_TRAINABLE_KEYS}, which are "
+                       "not trainable by default; pass `trainable` to train them.")
+  else:
+    try:
+      mask = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
+                          trainable, params)
+    except ValueError as e:
+      raise ValueError("`trainable` must be a pytree prefix of params with bool "
+                       f"leaves: {e}") from e
   if not any(jax.tree.leaves(mask)):
     raise ValueError("`trainable` marks no parameter as trainable.")
   return mask
@@ -476,7 +498,9 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
     workdir: where metrics and checkpoints go; None: neither is written.
     seed: base rng seed of a fresh run (a resumed run keeps its saved key).
     trainable: pytree prefix of params with bool leaves; False leaves are not
-      optimized (see the module docstring).
+      optimized (see the module docstring). Default (None): everything but the
+      subtrees under a key named `batch_stats`, whose new values come from
+      `loss_fn`'s new_params. An explicit mask (e.g. True) wins.
     lr_multiplier: pytree prefix of params with number leaves (default 1):
       each trainable leaf's update is scaled by its multiplier, i.e. its
       learning rate (warm-up and schedule included) is multiplied by it.

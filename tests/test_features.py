@@ -2,6 +2,7 @@
 is used when valid and rebuilt when corrupt, stale or half-written."""
 import dataclasses
 import json
+import logging
 import os
 
 import jax
@@ -119,6 +120,61 @@ def test_cache_hit_then_corrupt_stale_and_half_written_entries_rebuilt(
   assert len(calls) == 4
   assert extract().fingerprint == first.fingerprint and len(calls) == 4
   assert not [n for n in os.listdir(cache) if n.endswith(".tmp")]
+
+
+def _cached_extract(backbone, data_dir, cache):
+  return features.extract(backbone, TASK, "val200", batch_size=64, cache_dir=cache,
+                          data_dir=data_dir)
+
+
+@pytest.mark.parametrize("backbone", ["vit"], indirect=True)
+def test_a_valid_npz_with_other_numbers_fails_the_checksum_and_is_rebuilt(
+    backbone, data_dir, tmp_path, monkeypatch, caplog):
+  """Only the sha256 in the json can tell: the npz is a well-formed zip (its
+  CRCs hold) with the recorded shapes and finite numbers."""
+  calls = _count_runs(monkeypatch)
+  cache = str(tmp_path)
+  first = _cached_extract(backbone, data_dir, cache)
+  data_path = os.path.join(cache, first.fingerprint + ".npz")
+  with open(data_path, "wb") as f:
+    np.savez(f, features=first.features + 1, labels=first.labels)
+  with np.load(data_path) as data:  # Readable, and what the json describes.
+    assert data["features"].shape == first.features.shape
+  with caplog.at_level(logging.WARNING):
+    again = _cached_extract(backbone, data_dir, cache)
+  assert len(calls) == 2
+  np.testing.assert_array_equal(again.features, first.features)
+  np.testing.assert_array_equal(again.labels, first.labels)
+  assert f"Rebuilding corrupt or stale feature cache entry {first.fingerprint}" in caplog.text
+  assert "checksum mismatch" in caplog.text
+  np.testing.assert_array_equal(_cached_extract(backbone, data_dir, cache).features,
+                                first.features)
+  assert len(calls) == 2  # The rebuilt entry is trusted again.
+
+
+@pytest.mark.parametrize("backbone", ["vit"], indirect=True)
+def test_truncated_or_garbled_npz_is_rebuilt(backbone, data_dir, tmp_path, monkeypatch,
+                                             caplog):
+  calls = _count_runs(monkeypatch)
+  cache = str(tmp_path)
+  first = _cached_extract(backbone, data_dir, cache)
+  data_path = os.path.join(cache, first.fingerprint + ".npz")
+  size = os.path.getsize(data_path)
+  garble = {
+      "truncated": lambda f: f.truncate(size // 2),
+      # The zip's central directory at the end: no member can even be found.
+      "garbled": lambda f: (f.seek(size - 40), f.write(b"\xff" * 40)),
+  }
+  for name, corrupt in garble.items():
+    with open(data_path, "r+b") as f:
+      corrupt(f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      again = _cached_extract(backbone, data_dir, cache)
+    assert len(calls) == 2 + list(garble).index(name), name
+    np.testing.assert_array_equal(again.features, first.features)
+    assert "Rebuilding corrupt or stale feature cache entry" in caplog.text, name
+    assert os.path.getsize(data_path) == size, name
 
 
 def test_fingerprint_changes_with_split_weights_and_preprocessing(backbone):

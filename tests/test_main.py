@@ -7,11 +7,18 @@ import re
 import subprocess
 import sys
 
+import types
+
+from absl import flags
+import jax
 import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from fusion import config_lib
+from fusion import experiment
 from fusion import main
+from fusion import sharding
 
 import tiny_models
 
@@ -56,6 +63,40 @@ def test_linear_probe_job_writes_every_output(tmp_path, monkeypatch):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     runs = {json.loads(line)["run"] for line in f}
   assert "linear_probe/digits/vit/final" in runs
+
+
+class _MeshBuilt(Exception):
+  pass
+
+
+@pytest.mark.parametrize("job, num_devices", [("suite", 2), ("select", 2),
+                                              ("linear_probe", 0)])
+def test_num_devices_flag_sets_the_jobs_mesh(job, num_devices, tmp_path, monkeypatch):
+  """`--config.num_devices=N` reaches the mesh each job builds (0: every device);
+  the job stops there (the hub is two stand-ins, nothing is trained)."""
+  argv = ["main", "--config", os.path.join(REPO, "configs", "demo.py:tasks=digits"),
+          f"--config.job={job}", f"--config.num_devices={num_devices}"]
+  flag_values = flags.FlagValues()  # As main's flags, without touching the global ones.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  meshes = []
+  real_make_mesh = sharding.make_mesh
+
+  def make_mesh(*args, **kwargs):
+    meshes.append(real_make_mesh(*args, **kwargs))
+    raise _MeshBuilt
+
+  monkeypatch.setattr(sharding, "make_mesh", make_mesh)
+  monkeypatch.setattr(experiment, "load_hub", lambda config: [
+      types.SimpleNamespace(name="a"), types.SimpleNamespace(name="b")])
+  with pytest.raises(_MeshBuilt):
+    main.run(flag_values.config, str(tmp_path))
+  mesh, = meshes
+  want = num_devices or len(jax.devices())
+  assert len(jax.devices()) == 8 and want in (2, 8)  # conftest's simulated devices.
+  assert dict(mesh.shape) == {sharding.DATA: want, sharding.MODEL: 1}
+  assert list(mesh.devices.flat) == jax.devices()[:want]
 
 
 def test_unknown_job_and_task_are_named(tmp_path):

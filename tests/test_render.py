@@ -174,6 +174,46 @@ def test_held_out_tasks_draw_what_no_source_draws():
   assert set(render.mixed.MIXED_TEXTURES) <= set(textures.SOURCE_FAMILIES)
 
 
+def _spy_fonts_and_textures(monkeypatch):
+  """(font tuples, texture family names) that renders draw from, as they draw."""
+  fonts, families = [], []
+  real_pyramid = glyphs.glyph_pyramid
+
+  def pyramid(font_files, chars):
+    fonts.append(tuple(font_files))
+    return real_pyramid(font_files, chars)
+
+  monkeypatch.setattr(glyphs, "glyph_pyramid", pyramid)
+  for table in (textures.SOURCE_FAMILIES, textures.NOVEL_FAMILIES):
+    for name, field in list(table.items()):
+      def spy(rng, n, name=name, field=field):
+        families.append(name)
+        return field(rng, n)
+      monkeypatch.setitem(table, name, spy)
+  return fonts, families
+
+
+def test_held_out_tasks_render_with_held_out_fonts_and_textures(monkeypatch):
+  """What each render draws, watched while it renders: the held-out tasks use
+  the held-out fonts / texture families (all of them), the sources never do."""
+  fonts, families = _spy_fonts_and_textures(monkeypatch)
+  house = render.get_task("house_numbers").render_range("test", 0, BLOCK)
+  assert set(fonts) == {glyphs.HELD_OUT_FONTS} and not families
+  # The per-example factor indexes that tuple, and every held-out font shows up.
+  assert set(house["font"]) == set(range(len(glyphs.HELD_OUT_FONTS)))
+
+  fonts.clear()
+  novel = render.get_task("novel_textures").render_range("test", 0, BLOCK)
+  assert not fonts and set(families) == set(textures.NOVEL_FAMILIES)
+  assert set(novel["texture"]) == set(range(len(textures.NOVEL_FAMILIES)))
+
+  families.clear()
+  for name in SOURCES:
+    render.get_source(name).render_range(0, BLOCK, seed=0)
+  assert set(fonts) == {glyphs.SOURCE_FONTS}
+  assert set(families) == set(textures.SOURCE_FAMILIES)
+
+
 def test_no_test_image_is_a_training_or_pretraining_image():
   """Exact duplicates by hash: each task's whole test split against its train
   and validation splits, the other tasks' test splits and the first images of

@@ -262,3 +262,44 @@ def test_estimator_specific_bad_options():
   for name, options, message in cases:
     with pytest.raises(ValueError, match=message):
       selection.ESTIMATORS[name](x, y, **options)
+
+
+# ------------------------------------------------------ kNN vote ties
+
+# Two classes, k = 2: every example's two nearest others vote once for each
+# class, so every prediction is a tie. Positions on a line (l2) or angles in
+# degrees on the unit circle (cosine) give the same neighbour order.
+#   model 0: 0, 1 (class 1) and 3, 4 (class 0): each example's nearest other is
+#     of its own class: nearest-member rule 4/4 right; the smallest class id
+#     (scipy.stats.mode's rule) gets the two class-1 examples wrong: 2/4.
+#   model 1: 0, 1 (class 1) and 1.5, 10 (class 0): the nearest-member rule gets
+#     0 and 10 right (2/4); 1.5 sees two class-1 votes (wrong under either rule),
+#     and the smallest id gets only 10 right (1/4).
+TIE_LABELS = np.array([1, 1, 0, 0])
+TIE_POSITIONS = np.array([[0.0, 1.0, 3.0, 4.0], [0.0, 1.0, 1.5, 10.0]])
+TIE_ACCURACY = np.array([1.0, 0.5])  # Smallest class id instead: [0.5, 0.25].
+
+
+def _tie_features(metric):
+  if metric == "l2":
+    return TIE_POSITIONS[..., None]
+  angles = np.deg2rad(TIE_POSITIONS)
+  return np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_knn_vote_ties_go_to_the_class_of_the_nearest_member(metric):
+  knn = selection.ESTIMATORS["knn"]
+  for features, want in zip(_tie_features(metric), TIE_ACCURACY):
+    assert knn(features, TIE_LABELS, k=2, metric=metric) == want
+    # Renaming the classes does not change who wins a tie.
+    assert knn(features, 1 - TIE_LABELS, k=2, metric=metric) == want
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_knn_batched_vote_ties_go_to_the_class_of_the_nearest_member(metric):
+  batched = selection.BATCHED["knn"]
+  np.testing.assert_array_equal(batched(_tie_features(metric), TIE_LABELS, k=2, metric=metric),
+                                TIE_ACCURACY)
+  np.testing.assert_array_equal(
+      batched(_tie_features(metric), 1 - TIE_LABELS, k=2, metric=metric), TIE_ACCURACY)
