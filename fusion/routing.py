@@ -89,3 +89,99 @@ class FeatureGate(nn.Module):
     if self.hidden:
       x = nn.relu(nn.Dense(int(self.hidden), name="hidden")(x))
     return nn.Dense(self.num_models, kernel_init=nn.initializers.zeros, name="out")(x)
+
+
+# ------------------------------------------------------------- noisy top-k
+#
+# Hub-Pathway's sparse routing, after the noisy top-k gating of Shazeer et al.
+# (2017) and V-MoE (google-research/vmoe): H = clean + eps * softplus(raw
+# noise), eps ~ N(0, 1) while training; the top k of H per input, softmax over
+# those k; importance and load balance as squared coefficients of variation
+# over the batch; each model's inputs dispatched into a buffer of fixed
+# capacity, in batch order, the overflow dropped and counted.
+
+
+def check_top_k(k: int, num_models: int) -> None:
+  if not 1 <= k <= num_models:
+    raise ValueError(f"Top-k routing needs 1 <= k <= M = {num_models} models; got k={k}.")
+
+
+def top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(gates [B, M]: softmax over each row's top k logits, 0 elsewhere; top-k indices [B, k])."""
+  check_top_k(k, logits.shape[-1])
+  values, index = jax.lax.top_k(logits, k)
+  weights = jax.nn.softmax(values, axis=-1)
+  gates = jnp.sum(jax.nn.one_hot(index, logits.shape[-1], dtype=logits.dtype)
+                  * weights[..., None], axis=-2)
+  return gates, index
+
+
+def noisy_logits(clean: jax.Array, raw_noise: jax.Array, rng: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """(H, noise std): H = clean + eps * softplus(raw_noise) with eps ~ N(0, 1); no rng: clean."""
+  noise_std = jax.nn.softplus(raw_noise) + 1e-2  # A floor keeps the load estimate finite.
+  if rng is None:
+    return clean, noise_std
+  return clean + jax.random.normal(rng, clean.shape, clean.dtype) * noise_std, noise_std
+
+
+def cv_squared(x: jax.Array, eps: float = 1e-10) -> jax.Array:
+  """Squared coefficient of variation (population variance / mean^2) of a vector."""
+  x = x.astype(jnp.float32)
+  return jnp.var(x) / (jnp.mean(x) ** 2 + eps)
+
+
+def importance_loss(gates: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  """CV^2 of each model's summed gate weight over the batch (Shazeer et al., eq. 6-7)."""
+  if valid is not None:
+    gates = gates * valid[:, None]
+  return cv_squared(jnp.sum(gates, axis=0))
+
+
+def load_loss(clean: jax.Array, noisy: jax.Array, noise_std: jax.Array, k: int,
+              valid: jax.Array | None = None) -> jax.Array:
+  """CV^2 of each model's smooth load: sum over the batch of P(model in the top k).
+
+  P is Shazeer et al.'s estimate (their eq. 8-10): the probability, under a
+  fresh draw of this input's noise for that model alone, that its noisy logit
+  beats the k-th largest of the other noisy logits. Zero when k = M.
+  """
+  num_models = clean.shape[-1]
+  if k >= num_models:
+    return jnp.zeros((), jnp.float32)
+  top = jax.lax.top_k(noisy, k + 1)[0]
+  threshold_if_in, threshold_if_out = top[:, k:k + 1], top[:, k - 1:k]
+  is_in = noisy > threshold_if_in
+  normal = jax.scipy.stats.norm.cdf
+  prob = jnp.where(is_in, normal((clean - threshold_if_in) / noise_std),
+                   normal((clean - threshold_if_out) / noise_std))
+  if valid is not None:
+    prob = prob * valid[:, None]
+  return cv_squared(jnp.sum(prob, axis=0))
+
+
+def capacity(k: int, batch_size: int, num_models: int, capacity_factor: float) -> int:
+  """Buffer slots per model: ceil(k * B * capacity_factor / M), at most B."""
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor} must be > 0.")
+  return int(min(batch_size, np.ceil(k * batch_size * capacity_factor / num_models)))
+
+
+def dispatch(gates: jax.Array, slots: int, valid: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dispatch [B, M, C] 0/1, combine [B, M, C] gate weights, dropped count).
+
+  Input b routed to model m (gate > 0) takes the next free slot of m's buffer,
+  in batch order; past `slots` it is dropped: its dispatch and combine
+  entries are 0, and it counts in `dropped` (routings lost, not inputs).
+  Shapes are static: `slots` is a Python int.
+  """
+  routed = gates > 0
+  if valid is not None:
+    routed = routed & valid[:, None].astype(bool)
+  position = jnp.cumsum(routed.astype(jnp.int32), axis=0) - 1
+  kept = routed & (position < slots)
+  dispatch_ = jax.nn.one_hot(jnp.where(kept, position, -1), slots, dtype=gates.dtype)
+  combine = dispatch_ * gates[..., None]
+  dropped = jnp.sum(routed & ~kept)
+  return dispatch_, combine, dropped

@@ -26,6 +26,7 @@ from fusion.methods import ensemble
 from fusion.methods import finetune
 from fusion.methods import linear_probe
 from fusion.methods import nearest_centroid
+from fusion.methods import pathway
 from fusion.methods import soup
 
 MEMBER_MODES = ("each", "hub")
@@ -69,6 +70,9 @@ METHODS: dict[str, Method] = {
     "greedy_all": Method.of("greedy_all", ensemble, ensemble.fit_greedy_all, "ensemble"),
     "uniform_soup": Method.of("uniform_soup", soup, soup.fit_uniform, "ensemble"),
     "greedy_soup": Method.of("greedy_soup", soup, config_key="ensemble"),
+    "pathway": Method.of("pathway", pathway),
+    "pathway_k1": Method.of("pathway_k1", pathway, pathway.fit_k1, "pathway"),
+    "pathway_frozen": Method.of("pathway_frozen", pathway, pathway.fit_frozen, "pathway"),
 }
 
 

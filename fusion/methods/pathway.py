@@ -1,0 +1,348 @@
+"""Hub-Pathway: per-input routing through the hub, trained end to end.
+
+After "Hub-Pathway: Transfer Learning from A Hub of Pre-trained Models" (Shu et
+al., NeurIPS 2022), whose equations were not available to us; each choice is
+configurable and built on the noisy top-k gating of Shazeer et al. (2017) and
+V-MoE (`fusion.routing`):
+- a generator (the thumbnail CNN of `fusion.routing`, or a linear gate on one
+  hub model's cached features) gives logits over the M hub models; while
+  training H = clean + eps * softplus(noise), eps ~ N(0, 1);
+- the top k of H activate models for an input, their weights the softmax
+  over those k; each model's inputs go into a buffer of
+  ceil(k * B * capacity_factor / M) slots (batch order; the overflow is dropped
+  and counted, its gate weight falls back to a uniform prediction), so an input
+  runs through its k models only, at training and at inference;
+- each model has its own linear head; the output is the gate-weighted sum of
+  the activated models' head probabilities;
+- losses: cross-entropy of that output (task), the importance and load CV^2
+  of the router (exploration), and each head's cross-entropy on exactly the
+  inputs routed to it (exploitation), each with its weight.
+`pathway` fine-tunes the hub models (their learning rate scaled by
+`backbone_lr_multiplier`); they run in inference mode, BatchNorm statistics
+frozen, because the empty slots of a buffer would skew batch statistics.
+`pathway_frozen` trains the generator and heads on cached features.
+VTAB-1k protocol: learning rate chosen on val200, retrained on train800val200.
+"""
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fusion import features as features_lib
+from fusion import hub
+from fusion import metrics
+from fusion import predictions
+from fusion import routing
+from fusion import sharding
+from fusion import train
+from fusion.methods import linear_probe
+
+MEMBERS = "hub"
+GENERATORS = ("thumbnail",)  # Or the name of a hub model: a gate on its features.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "k": 2,
+      "capacity_factor": 1.25,
+      "generator": "thumbnail",
+      "thumbnail_size": 8,
+      "generator_widths": (16, 32),
+      "learning_rates": (0.01,),
+      "steps": 150,
+      "frozen_steps": 500,  # pathway_frozen: cheap steps on cached features.
+      "batch_size": 64,
+      "warmup_fraction": 0.1,
+      "optimizer": {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine",
+                    "weight_decay": 0.0, "grad_clip_norm": 1.0},
+      "backbone_lr_multiplier": 1.0,
+      "loss_weights": {"task": 1.0, "importance": 0.01, "load": 0.01, "exploitation": 1.0},
+  })
+
+
+def check_config(config, num_models: int, k: int) -> None:
+  if num_models < 2:
+    raise ValueError(f"Hub-Pathway routes between hub models and needs at least 2; got "
+                     f"{num_models}.")
+  routing.check_top_k(k, num_models)
+  routing.capacity(k, int(config.batch_size), num_models, float(config.capacity_factor))
+  if not config.learning_rates:
+    raise ValueError("pathway.learning_rates is empty; give at least one.")
+  if any(float(w) < 0 for w in config.loss_weights.values()):
+    raise ValueError(f"pathway.loss_weights must be >= 0; got {dict(config.loss_weights)}.")
+
+
+# ------------------------------------------------------------------ the network
+
+
+@functools.lru_cache(maxsize=32)
+def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_classes: int,
+             weights: tuple[float, float, float, float]):
+  """forward(params, batch, rng) -> (loss, aux): the pathway of one configuration.
+
+  `encoders[m]` maps (params, inputs [C, ...]) -> features [C, D_m] (a hub
+  model's forward, or the identity on cached features).
+  """
+  num_models = len(encoders)
+  w_task, w_importance, w_load, w_exploit = weights
+
+  def forward(params, batch, rng):
+    valid = batch["valid"].astype(jnp.float32)
+    out = generator.apply(params["generator"], batch["gate_input"])
+    clean, raw = out[:, :num_models], out[:, num_models:]
+    noisy, noise_std = routing.noisy_logits(clean, raw, rng)
+    gates, _ = routing.top_k_gates(noisy, k)
+    dispatch, combine, dropped = routing.dispatch(gates, slots, batch["valid"])
+    probs = (1.0 - combine.sum((1, 2)))[:, None] / num_classes  # Dropped weight: uniform.
+    labels = jax.nn.one_hot(batch["label"], num_classes)
+    exploit, filled = 0.0, 0.0
+    shared = len(batch["inputs"]) == 1  # Fine-tuning: one image batch for every model.
+    for m, encode in enumerate(encoders):
+      x = jnp.einsum("bc,b...->c...", dispatch[:, m], batch["inputs"][0 if shared else m])
+      logits = linear_probe.head_logits(params["heads"][m],
+                                        encode(params["encoders"][m], x))
+      probs = probs + jnp.einsum("bc,ck->bk", combine[:, m], jax.nn.softmax(logits))
+      slot_labels = jnp.einsum("bc,bk->ck", dispatch[:, m], labels)
+      slot_filled = dispatch[:, m].sum(0)
+      exploit += -jnp.sum(slot_filled * jnp.sum(slot_labels * jax.nn.log_softmax(logits), -1))
+      filled += slot_filled.sum()
+    log_probs = jnp.log(jnp.maximum(probs, 1e-30))
+    task = -jnp.sum(valid * jnp.sum(labels * log_probs, -1)) / jnp.maximum(valid.sum(), 1)
+    exploit = exploit / jnp.maximum(filled, 1.0)
+    importance = routing.importance_loss(gates, valid)
+    load = (routing.load_loss(clean, noisy, noise_std, k, valid) if rng is not None
+            else jnp.zeros(()))
+    loss = w_task * task + w_importance * importance + w_load * load + w_exploit * exploit
+    aux = {"task_loss": task, "importance_loss": importance, "load_loss": load,
+           "exploitation_loss": exploit, "dropped": dropped.astype(jnp.float32),
+           "accuracy": jnp.sum(valid * (log_probs.argmax(-1) == batch["label"]))
+                       / jnp.maximum(valid.sum(), 1)}
+    return loss, aux, log_probs, dispatch.sum(-1)
+
+  def loss_fn(params, batch, rng):
+    loss, aux, _, _ = forward(params, batch, rng)
+    return loss, aux
+
+  def predict(params, batch):
+    _, aux, log_probs, routed = forward(params, batch, None)
+    return log_probs, routed, aux["dropped"]
+
+  return loss_fn, predict
+
+
+def _hub_encoder(backbone: hub.Backbone):
+  """params, images in [0, 1] -> features, in inference mode (see the module docstring)."""
+  mean = np.asarray(backbone.preprocess.mean, np.float32)
+  std = np.asarray(backbone.preprocess.std, np.float32)
+  return _HubEncoder(backbone, mean.tobytes(), std.tobytes())
+
+
+class _HubEncoder:
+  """A hashable (per backbone) encoder, so compiled networks are reused."""
+
+  def __init__(self, backbone, mean, std):
+    self.backbone, self.key = backbone, (id(backbone), mean, std)
+    self.mean = np.frombuffer(mean, np.float32)
+    self.std = np.frombuffer(std, np.float32)
+
+  def __call__(self, params, images):
+    return self.backbone.features(params, (images - self.mean) / self.std)
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _HubEncoder) and self.key == other.key
+
+
+def _identity(params, x):
+  del params
+  return x
+
+
+# ------------------------------------------------------------------ data
+
+
+def _inputs(ctx, task, backbones, split: str, frozen: bool, config):
+  """(per-model inputs, gate inputs, labels) of a split."""
+  if frozen:
+    fs = [ctx.features(b, task, split) for b in backbones]
+    labels = fs[0].labels
+    inputs = [f.features for f in fs]
+  else:
+    resolutions = {b.preprocess.resolution for b in backbones}
+    if len(resolutions) > 1:
+      raise ValueError(f"pathway fine-tunes the hub on one image batch; its models want "
+                       f"resolutions {sorted(resolutions)}. Use pathway_frozen, or one "
+                       "resolution.")
+    raw = hub.Preprocess(resolutions.pop(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    images, labels = ctx.images(task, split, raw)
+    inputs = [images]  # Shared by every model (see _network).
+  if config.generator == "thumbnail":
+    thumbs = features_lib.extract_thumbnails(task, split, int(config.thumbnail_size),
+                                             cache_dir=ctx.config.get("cache_dir") or None)
+    gate_input = thumbs.images
+  else:
+    gate_input = ctx.features(ctx.backbone(config.generator), task, split).features
+  return inputs, np.asarray(gate_input, np.float32), np.asarray(labels, np.int32)
+
+
+def _standardise(train_inputs, other_inputs, gate_train, gate_other, frozen, generator):
+  """Feature inputs standardised with the training split's statistics."""
+  def fit(x):
+    return linear_probe.Standardizer.fit(x)
+  if frozen:
+    norms = [fit(x) for x in train_inputs]
+    train_inputs = [n(x) for n, x in zip(norms, train_inputs)]
+    other_inputs = [[n(x) for n, x in zip(norms, xs)] for xs in other_inputs]
+  if generator != "thumbnail":
+    norm = fit(gate_train)
+    gate_train, gate_other = norm(gate_train), [norm(g) for g in gate_other]
+  return train_inputs, other_inputs, gate_train, gate_other
+
+
+# ------------------------------------------------------------------ training
+
+
+def _generator(config, num_models: int) -> nn.Module:
+  if config.generator == "thumbnail":
+    return routing.ThumbnailCNN(2 * num_models, tuple(config.generator_widths))
+  return routing.FeatureGate(2 * num_models)
+
+
+def _init(generator, gate_example, encoders_params, dims, num_classes, seed):
+  return {"generator": generator.init(jax.random.PRNGKey(seed), gate_example[:1]),
+          "heads": [{"kernel": np.zeros((d, num_classes), np.float32),
+                     "bias": np.zeros((num_classes,), np.float32)} for d in dims],
+          "encoders": encoders_params}
+
+
+def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, eval_splits):
+  """Trains on `train_split`; logits, routing and drops on each of `eval_splits`."""
+  num_models = len(backbones)
+  batch_size = int(config.batch_size)
+  sharding.check_divisible(batch_size, ctx.mesh)
+  slots = routing.capacity(k, batch_size, num_models, float(config.capacity_factor))
+  train_inputs, gate_train, train_labels = _inputs(ctx, task, backbones, train_split,
+                                                   frozen, config)
+  evals = [_inputs(ctx, task, backbones, s, frozen, config) for s in eval_splits]
+  train_inputs, eval_inputs, gate_train, eval_gates = _standardise(
+      train_inputs, [e[0] for e in evals], gate_train, [e[1] for e in evals], frozen,
+      config.generator)
+  encoders = tuple(_identity if frozen else _hub_encoder(b) for b in backbones)
+  dims = [b.feature_dim for b in backbones]
+  generator = _generator(config, num_models)
+  w = config.loss_weights
+  loss_fn, predict = _network(encoders, generator, k, slots, task.num_classes,
+                              (float(w.task), float(w.importance), float(w.load),
+                               float(w.exploitation)))
+  params = _init(generator, gate_train, [{} if frozen else b.params for b in backbones],
+                 dims, task.num_classes, seed)
+  def batch_fn(step):
+    idx = np.random.default_rng((seed, step)).choice(len(train_labels), batch_size,
+                                                     replace=len(train_labels) < batch_size)
+    return {"inputs": [x[idx] for x in train_inputs], "gate_input": gate_train[idx],
+            "label": train_labels[idx], "valid": np.ones(batch_size, bool)}
+
+  opt = config.optimizer.to_dict()
+  opt.update(learning_rate=lr, total_steps=steps,
+             warmup_steps=int(round(config.warmup_fraction * steps)))
+  trainable = {"generator": True, "heads": True,
+               "encoders": [{} if frozen else {c: c == "params" for c in b.params}
+                            for b in backbones]}
+  state = train.train(
+      loss_fn=loss_fn, params=params, batch_fn=batch_fn, config=opt, mesh=ctx.mesh,
+      num_steps=steps, workdir=ctx.workdir, seed=seed, trainable=trainable,
+      lr_multiplier={"generator": 1.0, "heads": 1.0,
+                     "encoders": float(config.backbone_lr_multiplier)},
+      run_name=f"pathway/{task.name}/k={k}{'/frozen' if frozen else ''}/{train_split}/"
+               f"lr={lr:g}", checkpoint=False, progress=False)
+  params = jax.device_get(state.params)
+  jitted = jax.jit(predict)
+  outputs = []
+  for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals):
+    outputs.append(_predict_all(jitted, params, inputs, gates_in, labels, batch_size))
+  return outputs, steps * batch_size
+
+
+def _predict_all(jitted, params, inputs, gate_input, labels, batch_size):
+  """(log-probs [N, K], routed [N, M] 0/1, dropped routings) over a split, padded batches."""
+  n = len(labels)
+  log_probs, routed, dropped = [], [], 0.0
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < n
+    idx = np.minimum(idx, n - 1)
+    batch = {"inputs": [x[idx] for x in inputs], "gate_input": gate_input[idx],
+             "label": labels[idx], "valid": valid}
+    lp, r, d = jitted(params, batch)
+    log_probs.append(np.asarray(lp)[valid])
+    routed.append(np.asarray(r)[valid])
+    dropped += float(d)
+  return np.concatenate(log_probs), np.concatenate(routed), int(dropped), labels
+
+
+def _generator_gflops(config, gate_input, num_models) -> float:
+  generator = _generator(config, num_models)
+  params = generator.init(jax.random.PRNGKey(0), gate_input[:1])
+  compiled = jax.jit(generator.apply).lower(params, gate_input[:1]).compile()
+  return hub._flops(compiled.cost_analysis()) / 1e9
+
+
+def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
+        frozen: bool) -> predictions.Result:
+  check_config(config, len(backbones), k)
+  if config.generator != "thumbnail":
+    ctx.backbone(config.generator)  # Unknown names fail here.
+  steps = int(config.frozen_steps if frozen else config.steps)
+  sweep, best = [], None
+  for lr in config.learning_rates:
+    (val,), seen = _fit(ctx, task, backbones, config, k, frozen, float(lr), steps, seed,
+                        "train800", ("val200",))
+    log_probs, _, _, labels = val
+    score = (-metrics.accuracy(log_probs, labels), metrics.nll(log_probs, labels))
+    sweep.append({"learning_rate": float(lr), "val_accuracy": -score[0]})
+    if best is None or score < best[0]:
+      best = (score, float(lr), val)
+  _, lr, val = best
+  (test,), _ = _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed,
+                    "train800val200", ("test",))
+  log_probs, routed, dropped, labels = test
+  gflops = np.array([hub.inference_gflops(b) + linear_probe.head_gflops(
+      b.feature_dim, task.num_classes) for b in backbones])
+  gate_input = _inputs(ctx, task, backbones[:1], "val200", True, config)[1]
+  generator_gflops = (_generator_gflops(config, gate_input, len(backbones))
+                      if config.generator == "thumbnail" else
+                      hub.inference_gflops(ctx.backbone(config.generator)))
+  routing_matrix = [[float(routed[labels == c, m].mean()) if np.any(labels == c) else 0.0
+                     for m in range(len(backbones))] for c in range(task.num_classes)]
+  runs = len(config.learning_rates) + 1
+  return predictions.Result(
+      predictions.Predictions({"val200": val[0], "test": log_probs},
+                              {"val200": val[3], "test": labels}),
+      members=tuple(b.name for b in backbones),
+      inference_gflops=float(generator_gflops + (routed * gflops).sum(1).mean()),
+      train_steps=runs * steps, train_examples=runs * steps * int(config.batch_size),
+      fields={"k": k, "frozen": frozen, "learning_rate": lr, "sweep": sweep,
+              "models_per_input": float(routed.sum(1).mean()),
+              "test_dropped": dropped, "routing_matrix": routing_matrix,
+              "routing_models": [b.name for b in backbones],
+              "capacity": routing.capacity(k, int(config.batch_size), len(backbones),
+                                           float(config.capacity_factor))})
+
+
+def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
+  return run(ctx, task, members, config, seed, int(config.k), frozen=False)
+
+
+def fit_k1(ctx, task, members, config, seed) -> predictions.Result:
+  return run(ctx, task, members, config, seed, 1, frozen=False)
+
+
+def fit_frozen(ctx, task, members, config, seed) -> predictions.Result:
+  return run(ctx, task, members, config, seed, int(config.k), frozen=True)
