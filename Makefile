@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/select.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -25,6 +25,8 @@ from fusion import sharding
 
 # Bump when the extraction itself changes meaning (pooling, dtype, ...).
 FEATURES_VERSION = 1
+# fusion.data.tasks.SHIFT_SPLIT (not imported: features run without TF).
+SHIFT_SPLIT = "test_shift"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +111,11 @@ def extract_array(backbone: hub.Backbone, images: np.ndarray, *,
 
 
 def fingerprint(backbone: hub.Backbone, task, split: str) -> tuple[str, dict[str, Any]]:
-  """A key for (backbone name + weights, task, split, preprocessing)."""
+  """A key for (backbone name + weights, task, split, preprocessing).
+
+  `test_shift` also keys on the task's corruption (`task.shift.fingerprint`),
+  which `task.fingerprint` leaves out; the other splits' keys do not see it.
+  """
   pre = backbone.preprocess
   inputs = {
       "version": FEATURES_VERSION,
@@ -117,9 +123,11 @@ def fingerprint(backbone: hub.Backbone, task, split: str) -> tuple[str, dict[str
       "params": hub.params_fingerprint(backbone),
       "task": task.fingerprint,
       "split": split,
-      "split_spec": task.splits[split],
+      "split_spec": task.split_spec(split),
       "preprocess": dataclasses.asdict(pre) if pre is not None else None,
   }
+  if split == SHIFT_SPLIT:
+    inputs["shift"] = task.shift.fingerprint
   digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
   return digest[:32], inputs
 
@@ -169,9 +177,7 @@ def extract(backbone: hub.Backbone, task, split: str, *,
   if backbone.kind != "vision":
     raise ValueError(f"Backbone {backbone.name!r} is a {backbone.kind} model; "
                      "image features need a vision backbone.")
-  if split not in task.splits:
-    raise ValueError(f"Unknown split {split!r} for task {task.name!r}; valid: "
-                     f"{sorted(task.splits)}.")
+  task.split_spec(split)  # Unknown split, or test_shift of a task without one.
   directory = cache_dir or default_cache_dir()
   key, inputs = fingerprint(backbone, task, split)
   cached = _load_cached(directory, key)

@@ -86,10 +86,7 @@ def _check_source_sizes(task: Task, builder: tfds.core.DatasetBuilder) -> None:
 
 
 def _split_spec(task: Task, split: str) -> str:
-  if split not in task.splits:
-    raise ValueError(f"Unknown split {split!r} for task {task.name!r}; valid: "
-                     f"{sorted(task.splits)}.")
-  return task.splits[split]
+  return task.split_spec(split)  # A clear error for unknown or missing splits.
 
 
 def num_examples(task: Task, split: str, data_dir: str | None = None) -> int:
@@ -129,26 +126,36 @@ def _check_args(resolution: int, mean, std,
 
 
 def preprocess_fn(task: Task, image_feature: tfds.features.FeatureConnector, *,
-                  resolution: int, mean: np.ndarray, std: np.ndarray
-                  ) -> Callable[[dict], dict[str, tf.Tensor]]:
-  """TFDS example (image still encoded) -> {"image", "label"}."""
+                  resolution: int, mean: np.ndarray, std: np.ndarray,
+                  shift: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None
+                  ) -> Callable[..., dict[str, tf.Tensor]]:
+  """TFDS example (image still encoded) -> {"image", "label"}.
+
+  With `shift` (the `test_shift` split) the function takes (index, example),
+  index the example's position in its split, and corrupts the decoded RGB
+  image with `shift(image, index)` before resizing.
+  """
   mean = tf.constant(mean, tf.float32)
   std = tf.constant(std, tf.float32)
 
-  def fn(example):
+  def fn(example, index=None):
     image = image_feature.decode_example(example[task.image_key])
     image = tf.cast(image, tf.float32)
     if task.image_fn is not None:
       image = task.image_fn(image)
     if image.shape[-1] == 1:  # smallNORB, dSprites: grey -> RGB, as VTAB.
       image = tf.tile(image, [1, 1, 3])
+    if shift is not None:
+      image = shift(image, index)
     image = tf.image.resize(image, (resolution, resolution), method="bilinear")
     image = (image / 255.0 - mean) / std
     label = tf.cast(task.label_fn(example), tf.int32)
     return {"image": tf.ensure_shape(image, (resolution, resolution, 3)),
             "label": tf.ensure_shape(label, ())}
 
-  return fn
+  if shift is None:
+    return fn
+  return lambda index, example: fn(example, index)
 
 
 def make_dataset(task: Task, split: str, *, resolution: int, mean: Sequence[float],
@@ -160,7 +167,9 @@ def make_dataset(task: Task, split: str, *, resolution: int, mean: Sequence[floa
   Deterministic: the same arguments give the same batches in the same order.
   With `shuffle`, examples are reshuffled every epoch from `seed`; with
   `repeat`, the data cycles forever. The last batch may be smaller unless
-  `drop_remainder`.
+  `drop_remainder`. `test_shift` (tasks with a `shift`) reads the examples of
+  `test` and corrupts example i (its position in the split) with
+  `task.shift(image, i)`.
   """
   mean, std = _check_args(resolution, mean, std, batch_size)
   spec = _split_spec(task, split)
@@ -174,12 +183,15 @@ def make_dataset(task: Task, split: str, *, resolution: int, mean: Sequence[floa
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
+  shift = task.shift if split == tasks_lib.SHIFT_SPLIT else None
+  if shift is not None:  # (index in the split, example): the corruption's seed.
+    ds = ds.enumerate()
   if shuffle:
     ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
   ds = ds.map(preprocess_fn(task, builder.info.features[task.image_key],
-                            resolution=resolution, mean=mean, std=std),
+                            resolution=resolution, mean=mean, std=std, shift=shift),
               num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 

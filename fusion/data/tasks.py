@@ -14,6 +14,12 @@ The VTAB-1k splits follow google-research/task_adaptation
 TFDS split (validation, or the first half of smallNORB's test) or the part of
 TFDS "train" that task_adaptation cuts off by a percentage (`count * pct // 100`
 examples stay "train", the rest is "val"). `test` is its "test" split.
+
+Offline tasks also have `test_shift` (`SHIFT_SPLIT`): the examples of `test`,
+same order and labels, each under an ImageNet-C-style corruption applied after
+decoding (`Task.shift`, `fusion.data.corruptions`). It is not a TFDS split and
+not in `Task.splits`; `task.has_shift` says whether a task has it and
+`task.all_splits` lists every split a task can load. VTAB tasks have none.
 """
 import dataclasses
 import functools
@@ -28,10 +34,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import fusion
+from fusion.data import corruptions
 from fusion.data import render
 from fusion.data import synthetic  # Registers the offline TFDS builders.
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+# The shifted test split of tasks with a `shift` (the offline ones).
+SHIFT_SPLIT = corruptions.SHIFT_SPLIT
 CATEGORIES = ("natural", "specialized", "structured")
 
 # Bump when a shared label helper (e.g. `_bin_index`) changes meaning; label
@@ -55,7 +64,8 @@ class Task:
   Attributes:
     name: registry key, e.g. "cifar100".
     tfds_name: TFDS builder name with config and version, e.g. "cifar100:3.*.*".
-    splits: VTAB-1k split name (`SPLITS`) -> TFDS split string.
+    splits: VTAB-1k split name (`SPLITS`) -> TFDS split string; exactly the
+      four of `SPLITS` (the shifted split is `shift`, not an entry here).
     label_fn: TFDS example (dict of tf tensors) -> int label tensor in
       [0, num_classes). A module-level named function.
     num_classes: number of classes.
@@ -73,6 +83,11 @@ class Task:
     source_sizes: sizes of the TFDS splits that the slice indices were
       computed from (task_adaptation cuts "val"/"test" out of them by
       percentage); the pipeline checks them against the prepared dataset.
+    shift: the corruption of the `test_shift` split (same examples as `test`,
+      each corrupted after decoding, see `fusion.data.corruptions`); None: the
+      task has no shifted split. Not part of `fingerprint`, which keys the
+      four standard splits: the features of `test_shift` are keyed by
+      `split_spec` plus `shift.fingerprint` (`fusion.features.fingerprint`).
   """
   name: str
   tfds_name: str
@@ -87,8 +102,14 @@ class Task:
   data_dir: str | None = None
   offline: bool = False
   source_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  shift: corruptions.Shift | None = None
 
   def __post_init__(self):
+    if SHIFT_SPLIT in self.splits:
+      raise ValueError(f"Task {self.name!r}: {SHIFT_SPLIT!r} is not a TFDS split "
+                       f"and does not go in `splits`; set `shift` "
+                       "(fusion.data.corruptions.Shift) to give the task a shifted "
+                       "copy of its test split.")
     if tuple(sorted(self.splits)) != tuple(sorted(SPLITS)):
       raise ValueError(f"Task {self.name!r}: splits must have exactly the keys "
                        f"{SPLITS}, got {tuple(self.splits)}.")
@@ -100,12 +121,37 @@ class Task:
     if self.label_names is not None and len(self.label_names) != self.num_classes:
       raise ValueError(f"Task {self.name!r}: {len(self.label_names)} label_names "
                        f"for num_classes={self.num_classes}.")
+    if self.shift is not None and not isinstance(self.shift, corruptions.Shift):
+      raise TypeError(f"Task {self.name!r}: shift must be a "
+                      f"fusion.data.corruptions.Shift or None, got {self.shift!r}.")
     # Own copies, so the caller's dicts cannot change a task afterwards.
     object.__setattr__(self, "splits", dict(self.splits))
     object.__setattr__(self, "source_sizes", dict(self.source_sizes))
 
   def __hash__(self):
     return hash((self.name, self.fingerprint))
+
+  @property
+  def has_shift(self) -> bool:
+    """Whether the task has the shifted test split `test_shift`."""
+    return self.shift is not None
+
+  @property
+  def all_splits(self) -> tuple[str, ...]:
+    """Every split the task can load: `SPLITS`, then `test_shift` if it has one."""
+    return SPLITS + ((SHIFT_SPLIT,) if self.has_shift else ())
+
+  def split_spec(self, split: str) -> str:
+    """The TFDS split string that `split` reads (`test`'s for `test_shift`)."""
+    if split == SHIFT_SPLIT and not self.has_shift:
+      raise ValueError(f"Task {self.name!r} has no shifted split {SHIFT_SPLIT!r} "
+                       f"(Task.shift is None; of the registered tasks only the offline ones "
+                       f"{', '.join(OFFLINE_TASKS)} have one); valid splits: "
+                       f"{list(self.all_splits)}.")
+    if split not in self.all_splits:
+      raise ValueError(f"Unknown split {split!r} for task {self.name!r}; valid: "
+                       f"{list(self.all_splits)}.")
+    return self.splits["test" if split == SHIFT_SPLIT else split]
 
   @functools.cached_property
   def class_names(self) -> tuple[str, ...]:
@@ -125,7 +171,10 @@ class Task:
     """A stable key for what this task's data means (cache key for features).
 
     Covers the name, builder + version, split strings, label and image maps
-    (their source code) and the class count; not the data_dir.
+    (their source code) and the class count; not the data_dir, and not the
+    `shift` (so that giving a task a shifted split leaves the keys of its
+    four standard splits alone): whatever holds data of `test_shift` keys it
+    with `shift.fingerprint` as well.
     """
     spec = {
         "name": self.name,
@@ -410,6 +459,10 @@ def _vtab_tasks() -> list[Task]:
 # ---------------------------------------------------------- offline tasks
 # Built on this machine by the builders of synthetic.py; no network needed.
 
+# Every offline task's `test_shift`: CIFAR-10-C's noise / blur / contrast at
+# severity 3 of 5 (the middle one), one corruption per image by index.
+OFFLINE_SHIFT = corruptions.Shift(severity=3, seed=0)
+
 
 def _rendered_task(name: str) -> Task:
   """A task of `render.TASKS` as built by `synthetic.RenderedTasks`.
@@ -423,14 +476,14 @@ def _rendered_task(name: str) -> Task:
   return Task(name, f"{synthetic.RenderedTasks.name}/{name}:{config.version}",
               _WITH_VALIDATION, class_label, spec.num_classes, spec.category,
               label_names=spec.class_names, offline=True,
-              source_sizes=config.split_sizes)
+              source_sizes=config.split_sizes, shift=OFFLINE_SHIFT)
 
 
 def _offline_tasks() -> list[Task]:
   digits = Task("digits", f"digits:{synthetic.Digits.VERSION}",
                 _vtab_splits("train", "validation", "test"), class_label, 10,
                 "natural", label_names=tuple(str(d) for d in range(10)), offline=True,
-                source_sizes=synthetic.DIGITS_SPLIT_SIZES)
+                source_sizes=synthetic.DIGITS_SPLIT_SIZES, shift=OFFLINE_SHIFT)
   rendered = [_rendered_task(name) for name in render.TASKS]
   # VTAB order: natural, specialized, structured (stable within a group).
   return sorted([digits] + rendered, key=lambda t: CATEGORIES.index(t.category))
