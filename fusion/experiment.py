@@ -17,6 +17,19 @@ from fusion import hub
 from fusion import sharding
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+SHIFT = "test_shift"
+
+
+def test_splits(task) -> tuple[str, ...]:
+  """The splits a method's test-time model predicts: `test`, and `test_shift`
+  where the task has a shifted test split (the offline tasks)."""
+  return ("test", SHIFT) if getattr(task, "has_shift", False) else ("test",)
+
+
+def task_key(task) -> str:
+  """What a task's predictions depend on: its fingerprint, and its shift's."""
+  shift = getattr(task, "shift", None)
+  return task.fingerprint if shift is None else f"{task.fingerprint}+{shift.fingerprint}"
 
 
 def load_hub(config) -> list[hub.Backbone]:

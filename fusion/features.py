@@ -223,8 +223,10 @@ def native_image_size(task, data_dir: str | None = None) -> int | None:
 
 def thumbnail_fingerprint(task, split: str, size: int) -> tuple[str, dict[str, Any]]:
   inputs = {"version": THUMBNAILS_VERSION, "kind": "thumbnails", "task": task.fingerprint,
-            "split": split, "split_spec": task.splits[split], "size": int(size),
+            "split": split, "split_spec": task.split_spec(split), "size": int(size),
             "mean": THUMBNAIL_MEAN, "std": THUMBNAIL_STD, "resize": "bilinear"}
+  if split == SHIFT_SPLIT:
+    inputs["shift"] = task.shift.fingerprint
   digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
   return digest[:32], inputs
 
@@ -239,9 +241,7 @@ def extract_thumbnails(task, split: str, size: int, *, batch_size: int = 256,
   """
   if not isinstance(size, (int, np.integer)) or size < 1:
     raise ValueError(f"Thumbnail size must be a positive int, got {size!r}.")
-  if split not in task.splits:
-    raise ValueError(f"Unknown split {split!r} for task {task.name!r}; valid: "
-                     f"{sorted(task.splits)}.")
+  task.split_spec(split)  # Unknown split, or test_shift of a task without one.
   native = native_image_size(task, data_dir)
   if native is not None and size > native:
     raise ValueError(f"Thumbnail size {size} is larger than the {native}x{native} images "

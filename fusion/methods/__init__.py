@@ -105,7 +105,7 @@ def unit_inputs(ctx, method: Method, task, members: Sequence[hub.Backbone], conf
                 seed: int) -> dict[str, Any]:
   """Everything a unit's Result depends on: its cache key's inputs."""
   return {"method": method.name, "method_version": method.version,
-          "task": task.fingerprint,
+          "task": experiment.task_key(task),
           "members": [[b.name, hub.params_fingerprint(b)] for b in members],
           "config": _plain(config), "seed": int(seed),
           "uses": {name: _plain(method_config(ctx.config, name)) for name in method.uses}}

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from fusion import experiment
 from fusion import features as features_lib
 from fusion import hub
 from fusion import io
@@ -168,7 +169,7 @@ def run_inputs(backbone: hub.Backbone, task, run: Run, config, seed: int) -> dic
   for key in ("learning_rates", "steps", "save_params", "checkpoint_every",
               "eval_batch_size"):
     settings.pop(key)
-  return {"method": "finetune_run", "task": task.fingerprint,
+  return {"method": "finetune_run", "task": experiment.task_key(task),
           "model": [backbone.name, hub.params_fingerprint(backbone)],
           "run": dataclasses.asdict(run), "settings": settings, "seed": int(seed)}
 
@@ -232,7 +233,7 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
       checkpoint_every=int(config.checkpoint_every), max_to_keep=1, progress=False)
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   logits, split_labels = {}, {}
-  for split in ("val200", "test"):
+  for split in ("val200",) + experiment.test_splits(task):
     x, split_labels[split] = ctx.images(task, split, backbone.preprocess)
     logits[split] = predict(backbone, params, x, ctx.mesh, int(config.eval_batch_size))
   fields = {"learning_rate": run.learning_rate, "steps": run.steps, "split": run.split}
@@ -324,9 +325,12 @@ def with_setting(ctx, backbone, task, config, seed: int, learning_rate: float, s
                        f"{learning_rate:g}, {steps} steps, seed {seed}) {result}.")
     outcomes[split] = (key, result)
   (val_key, val), (final_key, final) = outcomes["train800"], outcomes["train800val200"]
+  tests = experiment.test_splits(task)
   preds = predictions.Predictions(
-      {"val200": val.predictions.logits["val200"], "test": final.predictions.logits["test"]},
-      {"val200": val.predictions.labels["val200"], "test": final.predictions.labels["test"]})
+      {"val200": val.predictions.logits["val200"],
+       **{s: final.predictions.logits[s] for s in tests}},
+      {"val200": val.predictions.labels["val200"],
+       **{s: final.predictions.labels[s] for s in tests}})
   steps_done = [r["steps"] for r in sweep_records if "failed" not in r] or [run.steps]
   total = sum(steps_done) + run.steps
   return predictions.Result(

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from fusion import config_lib
+from fusion import experiment
 from fusion import features as features_lib
 from fusion import hub
 from fusion import metrics
@@ -106,7 +107,11 @@ def validate_config(config) -> None:
 def probe(splits: Mapping[str, features_lib.FeatureSet], num_classes: int, config, *,
           mesh: jax.sharding.Mesh, seed: int, workdir: str | None = None,
           run_name: str = "probe") -> tuple[predictions.Predictions, dict]:
-  """The learning-rate sweep, then the final head: (Predictions, method fields)."""
+  """The learning-rate sweep, then the final head: (Predictions, method fields).
+
+  `splits` has train800, val200, train800val200 and test, and optionally
+  test_shift, which the final head predicts too.
+  """
   validate_config(config)
   train_fs, val_fs = splits["train800"], splits["val200"]
   norm = Standardizer.fit(train_fs.features)
@@ -120,14 +125,15 @@ def probe(splits: Mapping[str, features_lib.FeatureSet], num_classes: int, confi
     sweep.append((-val["val_accuracy"], val["val_nll"], lr, logits, val))
   _, _, best_lr, val_logits, _ = min(sweep, key=lambda s: s[:2])
 
-  final_fs, test_fs = splits["train800val200"], splits["test"]
+  final_fs = splits["train800val200"]
   norm = Standardizer.fit(final_fs.features)
   params = fit_head(norm(final_fs.features), final_fs.labels, num_classes,
                     learning_rate=best_lr, config=config, mesh=mesh, seed=seed,
                     workdir=workdir, run_name=f"{run_name}/final")
+  tests = [s for s in ("test", "test_shift") if s in splits]
   preds = predictions.Predictions(
-      {"val200": val_logits, "test": logits_of(params, norm(test_fs.features))},
-      {"val200": val_fs.labels, "test": test_fs.labels})
+      {"val200": val_logits, **{s: logits_of(params, norm(splits[s].features)) for s in tests}},
+      {"val200": val_fs.labels, **{s: splits[s].labels for s in tests}})
   fields = {"learning_rate": best_lr,
             "sweep": {f"{s[2]:g}": s[4]["val_accuracy"] for s in sweep},
             "train_steps": (len(sweep) + 1) * config.steps,
@@ -143,8 +149,8 @@ def head_gflops(feature_dim: int, num_classes: int) -> float:
 
 def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
   backbone, = members
-  splits = {s: ctx.features(backbone, task, s) for s in ("train800", "val200",
-                                                          "train800val200", "test")}
+  splits = {s: ctx.features(backbone, task, s)
+            for s in ("train800", "val200", "train800val200") + experiment.test_splits(task)}
   preds, fields = probe(splits, task.num_classes, config, mesh=ctx.mesh, seed=seed,
                         workdir=ctx.workdir,
                         run_name=f"linear_probe/{task.name}/{backbone.name}")

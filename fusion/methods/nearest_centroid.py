@@ -10,6 +10,7 @@ means come from train800val200.
 import ml_collections
 import numpy as np
 
+from fusion import experiment
 from fusion import hub
 from fusion import metrics
 from fusion import predictions
@@ -47,17 +48,17 @@ def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
     raise ValueError(f"nearest_centroid.temperatures={temperatures} must be a non-empty "
                      "list of positive numbers.")
   backbone, = members
+  tests = experiment.test_splits(task)
   fs = {s: ctx.features(backbone, task, s)
-        for s in ("train800", "val200", "train800val200", "test")}
+        for s in ("train800", "val200", "train800val200") + tests}
   val_cos = centroid_cosines(fs["train800"].features, fs["train800"].labels,
                              fs["val200"].features, task.num_classes)
   nll = {t: metrics.nll(val_cos / t, fs["val200"].labels) for t in temperatures}
   best = min(temperatures, key=lambda t: (nll[t], t))
-  test_cos = centroid_cosines(fs["train800val200"].features, fs["train800val200"].labels,
-                              fs["test"].features, task.num_classes)
-  preds = predictions.Predictions(
-      {"val200": val_cos / best, "test": test_cos / best},
-      {"val200": fs["val200"].labels, "test": fs["test"].labels})
+  logits = {s: centroid_cosines(fs["train800val200"].features, fs["train800val200"].labels,
+                                 fs[s].features, task.num_classes) / best for s in tests}
+  preds = predictions.Predictions({"val200": val_cos / best, **logits},
+                                  {s: fs[s].labels for s in ("val200",) + tests})
   return predictions.Result(
       preds, members=(backbone.name,),
       inference_gflops=hub.inference_gflops(backbone) + linear_probe.head_gflops(

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fusion import experiment
 from fusion import features as features_lib
 from fusion import hub
 from fusion import metrics
@@ -310,9 +311,10 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
     if best is None or score < best[0]:
       best = (score, float(lr), val)
   _, lr, val = best
-  (test,), _ = _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed,
-                    "train800val200", ("test",))
-  log_probs, routed, dropped, labels = test
+  tests = experiment.test_splits(task)
+  outs, _ = _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed,
+                 "train800val200", tests)
+  log_probs, routed, dropped, labels = outs[0]
   gflops = np.array([hub.inference_gflops(b) + linear_probe.head_gflops(
       b.feature_dim, task.num_classes) for b in backbones])
   gate_input = _inputs(ctx, task, backbones[:1], "val200", True, config)[1]
@@ -323,8 +325,8 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
                      for m in range(len(backbones))] for c in range(task.num_classes)]
   runs = len(config.learning_rates) + 1
   return predictions.Result(
-      predictions.Predictions({"val200": val[0], "test": log_probs},
-                              {"val200": val[3], "test": labels}),
+      predictions.Predictions({"val200": val[0], **{s: o[0] for s, o in zip(tests, outs)}},
+                              {"val200": val[3], **{s: o[3] for s, o in zip(tests, outs)}}),
       members=tuple(b.name for b in backbones),
       inference_gflops=float(generator_gflops + (routed * gflops).sum(1).mean()),
       train_steps=runs * steps, train_examples=runs * steps * int(config.batch_size),

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fusion import experiment
 from fusion import metrics
 from fusion import predictions
 from fusion.methods import ensemble
@@ -79,7 +80,8 @@ def _ingredients(ctx, task, members, config):
 
 
 def _soup_result(ctx, task, backbone, params, fields, best) -> predictions.Result:
-  images = {s: ctx.images(task, s, backbone.preprocess) for s in ("val200", "test")}
+  images = {s: ctx.images(task, s, backbone.preprocess)
+            for s in ("val200",) + experiment.test_splits(task)}
   logits = {s: finetune.predict(backbone, params, x, ctx.mesh, 256)
             for s, (x, _) in images.items()}
   return predictions.Result(
