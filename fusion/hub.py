@@ -618,8 +618,9 @@ def _checked_head(kernel: Any, bias: Any, label_names: Any, origin: str,
     raise HubError(f"Source head in {origin}: kernel {kernel.shape} and bias {bias.shape} do "
                    f"not fit the backbone; expected kernel [feature_dim={feature_dim}, C] and "
                    "bias [C] with C >= 1.")
-  for what, array in (("kernel", kernel), ("bias", bias)):
-    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+  for what, array in (("kernel", kernel), ("bias", bias)):  # bfloat16 counts as float.
+    if (not jnp.issubdtype(array.dtype, jnp.floating) or
+        not np.isfinite(array.astype(np.float32)).all()):
       raise HubError(f"Source head in {origin}: {what} must be finite floats; got dtype "
                      f"{array.dtype}.")
   if label_names is not None:
