@@ -26,6 +26,35 @@ Pooled feature per architecture (what the linear probe sees):
 Images are float32 NHWC, already resized to `preprocess.resolution` and
 normalised as `(x / 255 - mean) / std`. The linen modules take NHWC directly:
 calling them bypasses the HF wrapper's NCHW -> NHWC transpose.
+
+Source heads. `backbone.source_head` is the classifier the model was
+pre-trained with (a `SourceHead`: logits = features @ kernel + bias, on the
+pooled feature above), or None; LEEP and NCE score its predictions. It is
+not part of `params`: fine-tuning and feature extraction ignore it. It comes
+from, in this order:
+
+  source_head.npz   in the model directory (what the offline hub writes; any
+                    directory with this file gets its head): an `np.savez`
+                    archive, read without pickle, holding `kernel` float
+                    [feature_dim, C], `bias` float [C] and optionally
+                    `label_names` (a unicode string array [C]).
+  an HF checkpoint  whose config.json `architectures` names a
+                    `...ForImageClassification` class, for the architectures
+                    whose classifier reads exactly our pooled feature:
+                    vit (Dense on the layer-normed CLS token), beit (Dense on
+                    the pooler output), resnet and regnet (Dense `classifier.1`
+                    on the global average pool). The kernel and bias are read
+                    from the weights file the backbone loads (Flax msgpack,
+                    sharded msgpack, Flax or PyTorch safetensors); config.json's
+                    `id2label` names the classes.
+                    No head for dinov2 (its classifier reads the CLS token
+                    concatenated with the mean patch token, 2 x feature_dim;
+                    we expose the CLS token), CLIP (no Flax image classifier;
+                    PyTorch's CLIPForImageClassification reads the mean patch
+                    token) or bert.
+
+A head whose shapes do not fit the backbone's feature_dim is a HubError naming
+the file and the shapes.
 """
 import dataclasses
 import functools
@@ -68,6 +97,10 @@ class HubError(ValueError):
   """A hub spec that cannot be loaded; the message says why and the way out."""
 
 
+SOURCE_HEAD = "source_head.npz"
+_HEAD_KEYS = ("kernel", "bias", "label_names")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
   """What `features` expects: square images at `resolution`, `(x/255-mean)/std`."""
@@ -77,12 +110,34 @@ class Preprocess:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class SourceHead:
+  """A source classifier on a backbone's pooled features (see the module docstring).
+
+  `kernel` float32 [D, C], `bias` float32 [C] (numpy); `label_names` the C
+  class names where known; `origin` the file it was read from.
+  """
+  kernel: np.ndarray
+  bias: np.ndarray
+  label_names: tuple[str, ...] | None = None
+  origin: str = ""
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.kernel.shape[1])
+
+  def logits(self, features: jax.Array) -> jax.Array:
+    """[B, C] logits of features [B, D]; pure, composes with `jax.jit`."""
+    return jnp.asarray(features, jnp.float32) @ self.kernel + self.bias
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Backbone:
   """A pre-trained encoder: a linen module plus its variables.
 
   `params` is the full variables pytree of `module` (`{"params": ...}`, plus
   `"batch_stats"` for ResNet/RegNet). Hashing and equality are by identity,
-  so a Backbone can key jit and feature caches.
+  so a Backbone can key jit and feature caches. `source_head` is the
+  pre-training classifier where the checkpoint has one, else None.
   """
   name: str
   module: nn.Module
@@ -93,6 +148,7 @@ class Backbone:
   architecture: str
   source: str
   tokenizer: Any = None
+  source_head: SourceHead | None = None
 
   def features(self, params: PyTree, inputs: jax.Array,
                attention_mask: jax.Array | None = None) -> jax.Array:
@@ -114,6 +170,14 @@ class Backbone:
     models without BatchNorm `new_params` is `params`.
     """
     return _forward(self, params, inputs, attention_mask, rng=rng)
+
+  def source_logits(self, params: PyTree, inputs: jax.Array,
+                    attention_mask: jax.Array | None = None) -> jax.Array:
+    """[B, C] logits of the source head on `features(params, inputs)`; pure."""
+    if self.source_head is None:
+      raise ValueError(f"Backbone {self.name!r} has no source head (its checkpoint "
+                       f"{self.source!r} ships no classifier fusion can use).")
+    return self.source_head.logits(self.features(params, inputs, attention_mask))
 
 
 # ----------------------------------------------------------------- forward
@@ -533,6 +597,139 @@ def _load_tokenizer(directory: str, max_positions: int) -> Any:
   return tokenizer
 
 
+# ------------------------------------------------------------- source heads
+
+# Where the classifier (a Dense) sits in an HF `...ForImageClassification`
+# checkpoint, for the architectures whose classifier reads exactly the pooled
+# feature of _POOL (see the module docstring for those left out, and why).
+_HF_HEADS: dict[str, tuple[str, ...]] = {
+    "vit": ("classifier",),
+    "beit": ("classifier",),
+    "resnet": ("classifier", "1"),
+    "regnet": ("classifier", "1"),
+}
+
+
+def _checked_head(kernel: Any, bias: Any, label_names: Any, origin: str,
+                  feature_dim: int) -> SourceHead:
+  kernel, bias = np.asarray(kernel), np.asarray(bias)
+  if (kernel.ndim != 2 or kernel.shape[0] != feature_dim or bias.shape != kernel.shape[1:]
+      or not kernel.shape[1]):
+    raise HubError(f"Source head in {origin}: kernel {kernel.shape} and bias {bias.shape} do "
+                   f"not fit the backbone; expected kernel [feature_dim={feature_dim}, C] and "
+                   "bias [C] with C >= 1.")
+  for what, array in (("kernel", kernel), ("bias", bias)):  # bfloat16 counts as float.
+    if (not jnp.issubdtype(array.dtype, jnp.floating) or
+        not np.isfinite(array.astype(np.float32)).all()):
+      raise HubError(f"Source head in {origin}: {what} must be finite floats; got dtype "
+                     f"{array.dtype}.")
+  if label_names is not None:
+    label_names = tuple(str(n) for n in label_names)
+    if len(label_names) != kernel.shape[1]:
+      raise HubError(f"Source head in {origin}: {len(label_names)} label names for "
+                     f"{kernel.shape[1]} classes.")
+  return SourceHead(kernel.astype(np.float32), bias.astype(np.float32), label_names, origin)
+
+
+def _head_from_file(path: str, feature_dim: int) -> SourceHead:
+  import zipfile
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {k: archive[k] for k in archive.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise HubError(f"{path} is not a readable source head (an np.savez archive of "
+                   f"{_HEAD_KEYS}, no pickles): {type(e).__name__}: {e}") from None
+  unknown = sorted(set(arrays) - set(_HEAD_KEYS))
+  missing = [k for k in ("kernel", "bias") if k not in arrays]
+  if unknown or missing:
+    raise HubError(f"{path}: missing arrays {missing}, unknown arrays {unknown}; a source "
+                   f"head holds {_HEAD_KEYS} (label_names optional).")
+  names = arrays.get("label_names")
+  if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
+    raise HubError(f"{path}: label_names must be a 1-D unicode string array; got "
+                   f"dtype {names.dtype}, shape {names.shape}.")
+  return _checked_head(arrays["kernel"], arrays["bias"], names, path, feature_dim)
+
+
+def _flax_checkpoint_arrays(directory: str, keys: Sequence[str]) -> tuple[dict, str] | None:
+  """{key: array} of the "/"-joined Flax `keys` present, from the file
+  transformers' Flax loader reads (msgpack, sharded msgpack, safetensors)."""
+  from flax.serialization import msgpack_restore
+  from flax.traverse_util import flatten_dict
+
+  def restore(path):
+    with open(path, "rb") as f:
+      return flatten_dict(msgpack_restore(f.read()), sep="/")
+
+  msgpack = os.path.join(directory, FLAX_WEIGHTS[0])
+  index = os.path.join(directory, FLAX_WEIGHTS[1])
+  if os.path.isfile(msgpack):
+    flat = restore(msgpack)
+    return {k: flat[k] for k in keys if k in flat}, msgpack
+  if os.path.isfile(index):
+    weight_map = (_read_json(index) or {}).get("weight_map", {})
+    found = {}
+    for shard in sorted({weight_map[k] for k in keys if k in weight_map}):
+      flat = restore(os.path.join(directory, shard))
+      found.update({k: flat[k] for k in keys if k in flat})
+    return found, index
+  path = os.path.join(directory, SAFE_WEIGHTS)
+  if not os.path.isfile(path):
+    return None
+  from safetensors import safe_open
+  with safe_open(path, framework="numpy") as f:
+    names = {k.replace(".", "/"): k for k in f.keys()}
+    return {k: f.get_tensor(names[k]) for k in keys if k in names}, path
+
+
+def _head_from_hf(directory: str, config_json: Mapping[str, Any], arch: _Arch,
+                  from_pt: bool, feature_dim: int) -> SourceHead | None:
+  """The classifier of an HF `...ForImageClassification` checkpoint, if usable."""
+  classes = [a for a in config_json.get("architectures") or []
+             if str(a).endswith("ForImageClassification")]
+  if not classes:
+    return None
+  if arch.architecture not in _HF_HEADS:
+    logging.info("%s is a %s, but its classifier does not read the pooled %s feature fusion "
+                 "exposes: no source head.", directory, classes[0], arch.architecture)
+    return None
+  path = _HF_HEADS[arch.architecture]
+  if from_pt:  # PyTorch names: Linear `weight` [C, D].
+    file = os.path.join(directory, SAFE_WEIGHTS)
+    weight, bias = ".".join(path + ("weight",)), ".".join(path + ("bias",))
+    from safetensors import safe_open
+    with safe_open(file, framework="numpy") as f:
+      present = set(f.keys())
+      arrays = ({"kernel": f.get_tensor(weight).T, "bias": f.get_tensor(bias)}
+                if {weight, bias} <= present else {})
+  else:  # Flax names; BatchNorm models nest their weights under "params".
+    found = _flax_checkpoint_arrays(directory, [
+        "/".join(prefix + path + (leaf,)) for prefix in ((), ("params",))
+        for leaf in ("kernel", "bias")])
+    if found is None:
+      return None
+    arrays, file = found
+    arrays = {k.rsplit("/", 1)[1]: v for k, v in arrays.items()}
+  if set(arrays) != {"kernel", "bias"}:
+    logging.warning("%s names %s but %s holds no classifier (%s): no source head.",
+                    directory, classes[0], file, "/".join(path))
+    return None
+  id2label = {str(k): v for k, v in (config_json.get("id2label") or {}).items()}
+  count = np.shape(arrays["kernel"])[-1]
+  names = None
+  if set(id2label) == {str(i) for i in range(count)}:
+    names = [id2label[str(i)] for i in range(count)]
+  return _checked_head(arrays["kernel"], arrays["bias"], names, file, feature_dim)
+
+
+def _source_head(directory: str, config_json: Mapping[str, Any], arch: _Arch,
+                 from_pt: bool, feature_dim: int) -> SourceHead | None:
+  path = os.path.join(directory, SOURCE_HEAD)
+  if os.path.isfile(path):
+    return _head_from_file(path, feature_dim)
+  return _head_from_hf(directory, config_json, arch, from_pt, feature_dim)
+
+
 def _resolve(path: str, revision: str | None) -> str:
   local = os.path.expanduser(path)
   if os.path.isdir(local):
@@ -582,8 +779,9 @@ def load(spec: Any) -> Backbone:
                       preprocess=preprocess, feature_dim=0, kind=arch.kind,
                       architecture=arch.architecture, source=spec["path"],
                       tokenizer=tokenizer)
-  shape = jax.eval_shape(backbone.features, params, example, mask).shape
-  return dataclasses.replace(backbone, feature_dim=int(shape[-1]))
+  feature_dim = int(jax.eval_shape(backbone.features, params, example, mask).shape[-1])
+  head = _source_head(directory, config_json, arch, from_pt, feature_dim)
+  return dataclasses.replace(backbone, feature_dim=feature_dim, source_head=head)
 
 
 def load_hub(specs: Sequence[Any] | Mapping[str, Any]) -> list[Backbone]:

@@ -9,8 +9,10 @@ network, no GPU: the default recipe builds in about 5 minutes on 2 CPU cores.
 Layout, under `$FUSION_HOME/hub/<fingerprint of the recipe>/`:
 
   <name>/            a finished model: config.json, flax_model.msgpack,
-                     preprocessor_config.json, metrics.jsonl, hub_entry.json
-                     and COMPLETE (written last: the sha256 of the weights).
+                     source_head.npz (trained models: the pre-training head,
+                     in fusion.hub's source-head format), preprocessor_config.json,
+                     metrics.jsonl, hub_entry.json and COMPLETE (written last:
+                     the sha256 of the weights and of the head).
   .work/<name>/      training in progress: orbax checkpoints, so a killed build
                      resumes mid-model; removed once the model is in place.
   manifest.json      one entry per model (architecture, source, paradigm,
@@ -30,7 +32,11 @@ Paradigms:
 
 The pre-training head is a separate Dense on the pooled features that
 `fusion.hub` exposes for the architecture (e.g. ViT's CLS token, ResNet's
-global average pool); only the backbone is saved.
+global average pool). It is saved next to the backbone as source_head.npz
+(kernel [D, C], bias [C], label_names [C]: the source's class names, for
+`union` "<source>/<class>" one source after another, for rotation the four
+angles), so `hub.load` gives each trained model its `source_head`; the
+random-init control has none.
 """
 import functools
 import hashlib
@@ -58,13 +64,15 @@ from fusion import io
 from fusion import sharding
 from fusion import train
 
-FORMAT_VERSION = 1  # Part of the fingerprint: bump when the build changes its output.
+FORMAT_VERSION = 2  # Part of the fingerprint: bump when the build changes its output.
 IMAGE_SIZE = 32
 UNION = "union"
 NO_SOURCE = "none"  # The source of a random-init control.
 PARADIGMS = ("supervised", "rotation", "random")
 MODEL_KEYS = ("name", "arch", "size", "source", "paradigm", "seed", "steps")
 WEIGHTS = "flax_model.msgpack"
+SOURCE_HEAD = hub.SOURCE_HEAD
+ROTATION_LABELS = ("rotated_0", "rotated_90", "rotated_180", "rotated_270")
 COMPLETE = "COMPLETE"
 ENTRY = "hub_entry.json"
 MANIFEST = "manifest.json"
@@ -346,6 +354,24 @@ def num_pretext_classes(paradigm: str, num_labels: int) -> int:
   return 4 if paradigm == "rotation" else num_labels
 
 
+def pretext_label_names(source: str, paradigm: str) -> tuple[str, ...]:
+  """Names of the pretext classes: the source's (`union`: "<source>/<class>"
+  of every source in turn, as `source_data` offsets them) or the 4 rotations."""
+  if paradigm == "rotation":
+    return ROTATION_LABELS
+  if source == UNION:
+    return tuple(f"{name}/{c}" for name, s in _sources().items() for c in s.class_names)
+  return tuple(_sources()[source].class_names)
+
+
+def heldout_pretext(entry: Mapping[str, Any], recipe: Mapping[str, Any]
+                    ) -> dict[str, np.ndarray]:
+  """The held-out (image, target) pairs `pretext_accuracy` is measured on."""
+  images, labels, _ = source_data(entry["source"], "heldout", recipe)
+  return pretext_batch(images, labels, entry["paradigm"],
+                       np.random.default_rng((entry["seed"], 2**31)))
+
+
 def make_batch_fn(images: np.ndarray, labels: np.ndarray, *, paradigm: str,
                   batch_size: int, seed: int) -> Callable[[int], dict[str, np.ndarray]]:
   """step -> batch: a pure function of (seed, step), so a resumed run sees the same data."""
@@ -360,13 +386,16 @@ def make_batch_fn(images: np.ndarray, labels: np.ndarray, *, paradigm: str,
 
 
 def is_complete(directory: str) -> bool:
-  """Whether `directory` holds a finished model: COMPLETE matches its weights."""
+  """Whether `directory` holds a finished model: COMPLETE matches its weights
+  (and its source head, where it lists one)."""
   try:
     with open(os.path.join(directory, COMPLETE)) as f:
       marker = json.load(f)
-    return (os.path.isfile(os.path.join(directory, ENTRY)) and
-            marker.get(WEIGHTS) == io.sha256_file(os.path.join(directory, WEIGHTS)))
-  except (OSError, ValueError, AttributeError):
+    return (os.path.isfile(os.path.join(directory, ENTRY)) and WEIGHTS in marker and
+            set(marker) <= {WEIGHTS, SOURCE_HEAD} and
+            all(marker[name] == io.sha256_file(os.path.join(directory, name))
+                for name in marker))
+  except (OSError, ValueError, AttributeError, TypeError):
     return False
 
 
@@ -376,21 +405,20 @@ def _read_entry(directory: str) -> dict[str, Any]:
 
 
 def _pretext_accuracy(params, entry, recipe, predict) -> float:
-  images, labels, _ = source_data(entry["source"], "heldout", recipe)
-  batch = pretext_batch(images, labels, entry["paradigm"],
-                        np.random.default_rng((entry["seed"], 2**31)))
+  batch = heldout_pretext(entry, recipe)
   correct = 0
-  for start in range(0, len(images), 256):
+  for start in range(0, len(batch["label"]), 256):
     pred = predict(params, batch["image"][start:start + 256])
     correct += int(np.sum(np.asarray(pred) == batch["label"][start:start + 256]))
-  return correct / len(images)
+  return correct / len(batch["label"])
 
 
 def _pretrain(entry: Mapping[str, Any], recipe: Mapping[str, Any], variables,
-              work: str, mesh) -> tuple[Any, float | None]:
-  """(trained backbone variables, held-out pretext accuracy); checkpoints in `work`."""
+              work: str, mesh) -> tuple[Any, Any, float | None]:
+  """(trained backbone variables, head params {"kernel", "bias"} or None for
+  the random control, held-out pretext accuracy); checkpoints in `work`."""
   if entry["paradigm"] == "random":
-    return variables, None
+    return variables, None, None
   size_json = json.dumps(entry["size"], sort_keys=True)
   images, labels, num_labels = source_data(entry["source"], "train", recipe)
   num_classes = num_pretext_classes(entry["paradigm"], num_labels)
@@ -413,15 +441,21 @@ def _pretrain(entry: Mapping[str, Any], recipe: Mapping[str, Any], variables,
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   accuracy = _pretext_accuracy(params, entry, recipe,
                                _predict_fn(entry["arch"], size_json, num_classes))
-  return params["backbone"], accuracy
+  return params["backbone"], params["head"]["params"], accuracy
 
 
-def _save(entry, variables, directory: str) -> None:
-  """save_pretrained + preprocessor_config.json of the backbone into `directory`."""
+def _save(entry, variables, head, directory: str) -> None:
+  """save_pretrained + preprocessor_config.json of the backbone into `directory`,
+  and the pre-training head (if any) as source_head.npz."""
   import transformers
   model, template = _architecture(entry["arch"], json.dumps(entry["size"], sort_keys=True))
   params = variables if entry["arch"] in _CNNS else variables["params"]
   model.save_pretrained(directory, params=params)
+  if head is not None:
+    names = pretext_label_names(entry["source"], entry["paradigm"])
+    with open(os.path.join(directory, SOURCE_HEAD), "wb") as f:
+      np.savez(f, kernel=np.asarray(head["kernel"], np.float32),
+               bias=np.asarray(head["bias"], np.float32), label_names=np.asarray(names, str))
   pre = template.preprocess
   transformers.ViTImageProcessor(
       do_resize=True, size={"height": pre.resolution, "width": pre.resolution},
@@ -447,10 +481,10 @@ def build_model(entry: Mapping[str, Any], recipe: Mapping[str, Any], root: str,
   t0 = time.time()
   try:
     variables = init_variables(entry["arch"], entry["size"], entry["seed"])
-    variables, accuracy = _pretrain(entry, recipe, variables, work, mesh)
+    variables, head, accuracy = _pretrain(entry, recipe, variables, work, mesh)
     staging = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
-      _save(entry, variables, staging)
+      _save(entry, variables, head, staging)
       if os.path.isfile(os.path.join(work, "metrics.jsonl")):
         shutil.copy(os.path.join(work, "metrics.jsonl"), staging)
       backbone = hub.load({"name": name, "path": staging})  # The real loader.
@@ -462,11 +496,14 @@ def build_model(entry: Mapping[str, Any], recipe: Mapping[str, Any], root: str,
           "parameters": _count(backbone.params.get("params", backbone.params)),
           "inference_gflops": hub.inference_gflops(backbone),
           "pretext_accuracy": accuracy,
+          "source_head_classes": (None if backbone.source_head is None
+                                  else backbone.source_head.num_classes),
           "build_seconds": round(earlier + time.time() - t0, 2),
       }
       io.write_atomic(os.path.join(staging, ENTRY), json.dumps(result, indent=1))
+      checked = [WEIGHTS] + ([SOURCE_HEAD] if head is not None else [])
       io.write_atomic(os.path.join(staging, COMPLETE), json.dumps(
-          {WEIGHTS: io.sha256_file(os.path.join(staging, WEIGHTS))}))
+          {f: io.sha256_file(os.path.join(staging, f)) for f in checked}))
       if is_complete(target):  # Another process finished it meanwhile: keep theirs.
         shutil.rmtree(staging)
         result = _read_entry(target)

@@ -5,7 +5,6 @@ or combination) with `task`, `category`, `method`, `model` (or `members`),
 `test_accuracy` (a fraction), `test_nll`, `test_ece`, `inference_gflops`,
 plus method-specific fields.
 """
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence

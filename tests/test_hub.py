@@ -157,6 +157,109 @@ def test_features_reject_bad_inputs(tiny_dir, images):
     backbone.features(backbone.params, images, np.ones((8, 4)))
 
 
+# ------------------------------------------------------------ source heads
+
+# (arch, weights format): every format the head is read from.
+HEAD_CASES = [("vit", "msgpack"), ("vit", "sharded"), ("vit", "safetensors"),
+              ("vit", "pytorch"), ("beit", "msgpack"), ("resnet", "msgpack"),
+              ("resnet", "pytorch"), ("regnet", "safetensors")]
+WEIGHT_FILES = {"msgpack": "flax_model.msgpack", "sharded": "flax_model.msgpack.index.json",
+                "safetensors": "model.safetensors", "pytorch": "model.safetensors"}
+
+
+@pytest.mark.parametrize("arch, fmt", HEAD_CASES)
+def test_hf_classifier_head_gives_hf_logits(arch, fmt, tmp_path, images):
+  directory = tiny_models.save_tiny(arch, tmp_path / arch, num_labels=5,
+                                    safe_serialization=fmt == "safetensors",
+                                    max_shard_size="20KB" if fmt == "sharded" else None)
+  model, hf_params = tiny_models.load_hf(directory, arch, classifier=True)
+  if fmt == "pytorch":
+    tiny_models.save_pytorch_format(directory)
+  assert hub._weights_from_pt(directory) == (fmt == "pytorch")
+  backbone = hub.load(directory)
+  head = backbone.source_head
+  assert head.num_classes == 5 and head.label_names == tuple(f"class_{i}" for i in range(5))
+  assert head.origin == os.path.join(directory, WEIGHT_FILES[fmt])
+  assert head.kernel.shape == (backbone.feature_dim, 5) and head.kernel.dtype == np.float32
+
+  @jax.jit
+  def run(params, hf_params, x):
+    hf = model(jnp.transpose(x, (0, 3, 1, 2)), params=hf_params).logits
+    return backbone.source_logits(params, x), backbone.features(params, x), hf
+  logits, feats, reference = map(np.asarray, run(backbone.params, hf_params, images))
+  assert logits.shape == (8, 5) and np.std(reference, axis=0).min() > 1e-2
+  np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
+  # The head is a Dense on exactly the hub's features (float64 reference).
+  expected = feats.astype(np.float64) @ head.kernel.astype(np.float64) + head.bias
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_no_source_head_without_a_usable_classifier(tmp_path, tiny_dir, images):
+  backbone = hub.load(tiny_dir("vit"))  # A base model: no classifier.
+  assert backbone.source_head is None
+  with pytest.raises(ValueError, match="'vit' has no source head"):
+    backbone.source_logits(backbone.params, images)
+  # DINOv2's classifier reads [CLS, mean patch token] (2 x feature_dim), not
+  # the CLS token fusion exposes: no head rather than a wrong one.
+  dinov2 = tiny_models.save_tiny("dinov2", tmp_path / "dinov2", num_labels=5)
+  with open(os.path.join(dinov2, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["Dinov2ForImageClassification"]
+  assert hub.load(dinov2).source_head is None
+
+
+def _head_dir(tiny_dir, tmp_path, **arrays) -> str:
+  directory = str(tmp_path / "with_head")
+  shutil.copytree(tiny_dir("resnet"), directory)
+  np.savez(os.path.join(directory, hub.SOURCE_HEAD), **arrays)
+  return directory
+
+
+def test_source_head_file(tiny_dir, tmp_path, images):
+  rng = np.random.default_rng(3)
+  kernel, bias = rng.normal(size=(16, 3)), rng.normal(size=3)
+  directory = _head_dir(tiny_dir, tmp_path, kernel=kernel, bias=bias,
+                        label_names=np.array(["cat", "dog", "ship"]))
+  backbone = hub.load(directory)
+  head = backbone.source_head
+  assert head.label_names == ("cat", "dog", "ship") and head.num_classes == 3
+  assert head.origin == os.path.join(directory, hub.SOURCE_HEAD)
+  logits, feats = jax.jit(lambda p, x: (backbone.source_logits(p, x), backbone.features(p, x)))(
+      backbone.params, images)
+  expected = np.asarray(feats, np.float64) @ kernel + bias
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+  os.remove(os.path.join(directory, hub.SOURCE_HEAD))
+  np.savez(os.path.join(directory, hub.SOURCE_HEAD), kernel=kernel, bias=bias)
+  assert hub.load(directory).source_head.label_names is None  # Names are optional.
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(kernel=np.zeros((15, 3)), bias=np.zeros(3)),
+     r"source_head.npz: kernel \(15, 3\) and bias \(3,\) do not fit the backbone; expected "
+     r"kernel \[feature_dim=16, C\]"),
+    (dict(kernel=np.zeros((16, 3)), bias=np.zeros(4)), r"kernel \(16, 3\) and bias \(4,\)"),
+    (dict(kernel=np.zeros((16, 2)), bias=np.zeros(2), label_names=np.array(["a", "b", "c"])),
+     "3 label names for 2 classes"),
+    (dict(kernel=np.zeros((16, 2))), r"missing arrays \['bias'\]"),
+    (dict(kernel=np.zeros((16, 2)), bias=np.zeros(2), extra=np.zeros(1)),
+     r"unknown arrays \['extra'\]"),
+    (dict(kernel=np.full((16, 2), np.nan), bias=np.zeros(2)), "finite floats"),
+    (dict(kernel=np.zeros((16, 2)), bias=np.zeros(2),
+          label_names=np.array(["a", None], dtype=object)), "no pickles"),
+])
+def test_bad_source_head_files_are_hub_errors(arrays, match, tiny_dir, tmp_path):
+  directory = _head_dir(tiny_dir, tmp_path, **arrays)
+  with pytest.raises(hub.HubError, match=match):
+    hub.load(directory)
+
+
+def test_unreadable_source_head_file(tiny_dir, tmp_path):
+  directory = _head_dir(tiny_dir, tmp_path, kernel=np.zeros((16, 2)), bias=np.zeros(2))
+  with open(os.path.join(directory, hub.SOURCE_HEAD), "wb") as f:
+    f.write(b"not an npz")
+  with pytest.raises(hub.HubError, match="source_head.npz is not a readable source head"):
+    hub.load(directory)
+
+
 # ------------------------------------------------------------ preprocessing
 
 

@@ -1,10 +1,14 @@
 """The offline hub: builds tiny recipes with the real HF classes and the real
 trainer, loads them through `fusion.hub`, and checks the cache: a second call
 trains nothing, an interrupted build resumes to the same weights, a corrupt
-or half-written model is rebuilt, and bad recipes fail with clear errors."""
+or half-written model is rebuilt, and bad recipes fail with clear errors.
+What is saved is what was trained: weights that differ from the init (the
+control's equal it), and a head that re-measures the manifest's accuracy."""
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +19,7 @@ TINY_VIT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                 intermediate_size=32)
 TINY_CNN = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
 NAMES = ("vit_shapes", "resnet_rotation", "vit_random")
+ROTATION_STEPS = 40  # Enough to learn rotations of scenes (~90% held out; chance 25%).
 
 
 def tiny_config(**overrides):
@@ -23,9 +28,12 @@ def tiny_config(**overrides):
   config.eval_examples = 32
   config.batch_size = 16  # Divisible by the 8 simulated devices.
   config.checkpoint_every = 2
+  config.optimizer.learning_rate = 1e-2
+  config.optimizer.warmup_steps = 2
   config.models = (
       offline_hub._model("vit_shapes", "vit", "shapes", "supervised", 0, 4, **TINY_VIT),
-      offline_hub._model("resnet_rotation", "resnet", "union", "rotation", 0, 4, **TINY_CNN),
+      offline_hub._model("resnet_rotation", "resnet", "scenes", "rotation", 0, ROTATION_STEPS,
+                         **TINY_CNN),
       offline_hub._model("vit_random", "vit", "none", "random", 0, 0, **TINY_VIT),
   )
   config.update(overrides)
@@ -109,6 +117,89 @@ def test_manifest_and_run(built, monkeypatch, tmp_path):
   assert json.loads((tmp_path / "manifest.json").read_text())["models"] == manifest["models"]
 
 
+def _leaves(tree) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def test_saved_weights_are_trained_and_the_control_is_its_init(built, monkeypatch):
+  home, specs = built
+  monkeypatch.setenv("FUSION_HOME", home)
+  for entry, spec in zip(tiny_config().models, specs):
+    saved = _leaves(hub.load(spec).params)
+    init = _leaves(offline_hub.init_variables(entry["arch"], entry["size"], entry["seed"]))
+    assert sorted(saved) == sorted(init), entry["name"]
+    changed = [k for k in sorted(saved) if not np.array_equal(saved[k], init[k])]
+    if entry["paradigm"] == "random":
+      assert changed == [], entry["name"]
+    else:  # Every weight moved (the ResNet's BatchNorm statistics too).
+      assert changed == sorted(saved), (entry["name"], set(saved) - set(changed))
+
+
+def _accuracy(backbone, params, kernel, bias, batch) -> float:
+  """Held-out pretext accuracy: the hub's features, the head in float64."""
+  pre = backbone.preprocess
+  images = ((batch["image"].astype(np.float32) / 255 - np.float32(pre.mean)) /
+            np.float32(pre.std)).astype(np.float32)
+  feats = np.asarray(jax.jit(backbone.features)(params, images), np.float64)
+  logits = feats @ kernel.astype(np.float64) + bias.astype(np.float64)
+  return float(np.mean(logits.argmax(-1) == batch["label"]))
+
+
+def test_saved_head_re_measures_the_pretext_accuracy(built, monkeypatch):
+  home, specs = built
+  monkeypatch.setenv("FUSION_HOME", home)
+  recipe = offline_hub.validate(tiny_config())
+  manifest = {e["name"]: e for e in offline_hub.load_manifest(tiny_config())["models"]}
+  for entry, spec in zip(tiny_config().models, specs):
+    backbone = hub.load(spec)
+    path = os.path.join(spec["path"], offline_hub.SOURCE_HEAD)
+    if entry["paradigm"] == "random":
+      assert not os.path.exists(path) and backbone.source_head is None
+      assert manifest[entry["name"]]["source_head_classes"] is None
+      continue
+    with np.load(path, allow_pickle=False) as f:
+      kernel, bias, names = f["kernel"], f["bias"], tuple(f["label_names"])
+    head = backbone.source_head
+    assert np.array_equal(head.kernel, kernel) and np.array_equal(head.bias, bias)
+    assert head.label_names == names == offline_hub.pretext_label_names(
+        entry["source"], entry["paradigm"])
+    assert kernel.shape == (backbone.feature_dim, len(names))
+    assert manifest[entry["name"]]["source_head_classes"] == len(names)
+    batch = offline_hub.heldout_pretext(entry, recipe)
+    accuracy = _accuracy(backbone, backbone.params, kernel, bias, batch)
+    assert abs(accuracy - manifest[entry["name"]]["pretext_accuracy"]) <= 1 / len(
+        batch["label"]) + 1e-9, entry["name"]
+    if entry["paradigm"] == "rotation":  # Trained enough to be far from chance (0.25).
+      untrained = _accuracy(backbone, offline_hub.init_variables(
+          entry["arch"], entry["size"], entry["seed"]), kernel, bias, batch)
+      assert accuracy >= 0.6 and untrained <= 0.45, (accuracy, untrained)
+
+
+def test_pretext_label_names():
+  assert offline_hub.pretext_label_names("scenes", "rotation") == offline_hub.ROTATION_LABELS
+  assert offline_hub.pretext_label_names("shapes", "supervised")[:2] == ("square", "ellipse")
+  union = offline_hub.pretext_label_names(offline_hub.UNION, "supervised")
+  sources = offline_hub._sources()
+  assert len(union) == sum(s.num_classes for s in sources.values())
+  # In the order of source_data's label offsets.
+  offset = sources["glyphs"].num_classes
+  assert union[0] == "glyphs/0" and union[offset] == "shapes/square"
+
+
+def test_a_changed_or_missing_head_is_not_complete(built, tmp_path):
+  _, specs = built
+  directory = str(tmp_path / "vit_shapes")
+  shutil.copytree(specs[0]["path"], directory)
+  assert offline_hub.is_complete(directory)
+  head = os.path.join(directory, offline_hub.SOURCE_HEAD)
+  with open(head, "r+b") as f:
+    f.truncate(os.path.getsize(head) - 1)
+  assert not offline_hub.is_complete(directory)
+  os.remove(head)
+  assert not offline_hub.is_complete(directory)
+
+
 def test_second_call_is_cached(built, monkeypatch, calls):
   home, specs = built
   monkeypatch.setenv("FUSION_HOME", home)
@@ -145,7 +236,7 @@ def test_interrupted_build_resumes_to_the_same_weights(built, monkeypatch, tmp_p
   assert not os.path.exists(os.path.join(root, "resnet_rotation"))
   assert not os.path.exists(os.path.join(root, offline_hub.MANIFEST))
   checkpoints = os.path.join(root, ".work", "resnet_rotation", "checkpoints")
-  assert sorted(os.listdir(checkpoints)) == ["2"]  # Saved at step 2 of 4.
+  assert sorted(os.listdir(checkpoints)) == ["2"]  # Saved at step 2, killed at 3.
   assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]
   finished = os.stat(os.path.join(root, "vit_shapes", offline_hub.WEIGHTS)).st_mtime_ns
 

@@ -1,15 +1,20 @@
 """The select job end to end on tiny models: rankings, the ground-truth
 evaluation (computed here or read from an earlier results.json), the reference
-CNN, and configs that fail before any work with a message that names them."""
+CNN, LEEP and NCE from the models' source heads, and configs that fail before
+any work with a message that names them."""
 import json
 import os
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
 import pytest
+from scipy import special
 from scipy import stats
 
 from fusion import config_lib
+from fusion import features
+from fusion import hub
 from fusion import main
 from fusion import selection
 from fusion.selection import job
@@ -17,11 +22,13 @@ from fusion.selection import job
 import tiny_models
 
 ARCHS = ("vit", "resnet", "dinov2")
+# Source heads of 5 and 7 classes (two head sizes, one feature dim); dinov2 has none.
+HEAD_CLASSES = {"vit": 5, "resnet": 7}
 
 
 def _select_config(specs, **select_overrides):
   select = job.default_config()
-  select.estimators = ("knn", "logme", "rsa_reference", "leep")
+  select.estimators = ("knn", "logme", "rsa_reference", "leep", "nce")
   select.reference.steps = 30
   select.taxonomy.max_examples = 200
   select.update(select_overrides)
@@ -34,7 +41,9 @@ def _select_config(specs, **select_overrides):
 @pytest.fixture(scope="module")
 def hub_specs(tmp_path_factory):
   root = tmp_path_factory.mktemp("hub")
-  return [{"name": a, "path": tiny_models.save_tiny(a, root / a)} for a in ARCHS]
+  return [{"name": a, "path": tiny_models.save_tiny(a, root / a,
+                                                    num_labels=HEAD_CLASSES.get(a))}
+          for a in ARCHS]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,7 @@ def test_rankings_and_evaluation_agree_with_the_ground_truth(first_run):
   assert sorted(truth) == sorted(ARCHS)
   rankings = _read(workdir, "rankings.json")
   digits = rankings["tasks"]["digits"]
-  assert set(digits["scores"]) == {"knn", "logme", "rsa_reference"}  # leep: no head
-  assert rankings["estimators"]["leep"]["skipped"]
+  assert set(digits["scores"]) == {"knn", "logme", "rsa_reference", "leep", "nce"}
 
   accuracy = np.array([truth[m]["test_accuracy"] for m in ARCHS])
   for name in ("knn", "logme", "rsa_reference"):
@@ -84,8 +92,65 @@ def test_rankings_and_evaluation_agree_with_the_ground_truth(first_run):
   similarity = np.array(digits["taxonomy"]["similarity"])
   assert similarity.shape == (3, 3) and np.allclose(np.diag(similarity), 1)
   assert "Model selection: weighted Kendall tau" in markdown
-  assert "| *oracle* |" in markdown and "`leep` (leep): skipped" in markdown
+  assert "| *oracle* |" in markdown
   assert "## linear_probe" in markdown and "## select/" not in markdown  # Picks: one table.
+
+
+def test_leep_and_nce_score_the_source_heads(first_run, hub_specs, monkeypatch):
+  workdir, markdown, home = first_run
+  monkeypatch.setenv("FUSION_HOME", home)  # The job's cached features.
+  from fusion.data import tasks
+  task = tasks.get("digits")
+  results = _read(workdir, "results.json")["rows"]
+  truth = {r["model"]: r["test_accuracy"] for r in results if r["method"] == "linear_probe"}
+  rankings = _read(workdir, "rankings.json")
+  digits = rankings["tasks"]["digits"]
+  assert digits["no_source_head"] == {"leep": ["dinov2"], "nce": ["dinov2"]}
+  for name in ("leep", "nce"):
+    assert f"`{name}` on digits: no source head for ['dinov2']; ranked among the 2 models " \
+           "with one." in markdown
+  headed = sorted(HEAD_CLASSES)
+  for model in headed:
+    backbone = hub.load(hub_specs[ARCHS.index(model)])
+    fs = features.extract(backbone, task, "train800val200")
+    # Source probabilities in float64 from the classifier as HF loads it (not
+    # as fusion.hub reads it): `classifier` (ViT) or `params/classifier/1` (ResNet).
+    _, params = tiny_models.load_hf(backbone.source, model, classifier=True)
+    dense = {k[-1]: np.asarray(v, np.float64)
+             for k, v in traverse_util.flatten_dict(params).items() if "classifier" in k}
+    logits = fs.features.astype(np.float64) @ dense["kernel"] + dense["bias"]
+    assert logits.shape == (1000, HEAD_CLASSES[model])
+    probs = special.softmax(logits, axis=1)
+    expected = {"leep": selection.ESTIMATORS["leep"](fs.features, fs.labels, source_probs=probs),
+                "nce": selection.ESTIMATORS["nce"](fs.features, fs.labels,
+                                                   source_labels=logits.argmax(1))}
+    for name, value in expected.items():
+      assert digits["scores"][name][model] == pytest.approx(value, rel=2e-6, abs=0), name
+  evaluation = rankings["evaluation"]
+  for name in ("leep", "nce"):
+    assert sorted(digits["scores"][name]) == headed
+    row, = [r for r in evaluation["rows"] if (r["estimator"], r["task"]) == (name, "digits")]
+    scores = [digits["scores"][name][m] for m in headed]
+    accuracy = [truth[m] for m in headed]
+    assert row["num_models"] == 2
+    # Ranked among the headed models only. (The random tiny heads predict one
+    # class on every digit, so NCE is -H(Y) for both: a tie, NaN correlations.)
+    assert row["spearman"] == pytest.approx(stats.spearmanr(scores, accuracy)[0], nan_ok=True)
+    assert row["weighted_tau"] == pytest.approx(stats.weightedtau(scores, accuracy)[0],
+                                                nan_ok=True)
+    top = digits["rankings"][name][0]
+    assert row["top1_regret"] == pytest.approx(100 * (max(accuracy) - truth[top]))
+    pick, = [r for r in results if r["method"] == f"select/{name}"]
+    assert pick["model"] == top and pick["regret"] == pytest.approx(row["top1_regret"])
+
+
+def test_notes_name_the_models_without_a_head():
+  per_task = {"t": {"scores": {"leep": {"a": 1.0, "b": 2.0}},
+                    "no_source_head": {"leep": ["c"], "nce": ["a", "c"]}}}
+  notes = job._notes([], per_task, "none", "train800val200")
+  assert "- `leep` on t: no source head for ['c']; ranked among the 2 models with one." in notes
+  assert ("- `nce` on t: no source head for ['a', 'c']; not ranked (fewer than 2 models "
+          "have one).") in notes
 
 
 def test_ground_truth_from_an_earlier_results_json(first_run, hub_specs, tmp_path,

@@ -70,6 +70,13 @@ _MODEL_CLASSES = {
     "clip_vision_model": "FlaxCLIPVisionModel", "dinov2": "FlaxDinov2Model",
     "resnet": "FlaxResNetModel", "regnet": "FlaxRegNetModel", "bert": "FlaxBertModel",
 }
+# `save_tiny(..., num_labels=C)`: the HF image classifier of the architecture.
+CLASSIFIER_CLASSES = {
+    "vit": "FlaxViTForImageClassification", "beit": "FlaxBeitForImageClassification",
+    "dinov2": "FlaxDinov2ForImageClassification",
+    "resnet": "FlaxResNetForImageClassification",
+    "regnet": "FlaxRegNetForImageClassification",
+}
 
 
 def _random_params(shapes, seed: int):
@@ -132,38 +139,86 @@ def _save_tokenizer(directory: str) -> int:
 
 def save_tiny(arch: str, directory: str | os.PathLike, seed: int = 0, *,
               preprocessor: bool = True, safe_serialization: bool = False,
+              num_labels: int | None = None, max_shard_size: str | None = None,
               **overrides: Any) -> str:
   """Builds a tiny `arch` model, saves it (+ processor/tokenizer) to `directory`.
 
   `overrides` go to the HF config. `preprocessor=False` leaves out
   preprocessor_config.json (vision); `safe_serialization=True` writes
   model.safetensors (Flax format) instead of flax_model.msgpack.
+  `num_labels=C` saves the architecture's `...ForImageClassification` (a
+  C-way classifier on top, class names "class_0", ...) instead of the base model;
+  `max_shard_size` (e.g. "20KB") shards flax_model.msgpack.
   """
   import transformers as tf
   if arch not in ARCHITECTURES:
     raise ValueError(f"Unknown tiny architecture {arch!r}; valid: {ARCHITECTURES}.")
+  if num_labels is not None:
+    if arch not in CLASSIFIER_CLASSES:
+      raise ValueError(f"No tiny image classifier for {arch!r}; valid: "
+                       f"{sorted(CLASSIFIER_CLASSES)}.")
+    overrides.update(num_labels=num_labels,
+                     id2label={i: f"class_{i}" for i in range(num_labels)},
+                     label2id={f"class_{i}": i for i in range(num_labels)})
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   overrides = dict(overrides)
   if arch == "bert":
     overrides.setdefault("vocab_size", _save_tokenizer(directory))
   config = _config(arch, overrides)
-  model_class = getattr(tf, _MODEL_CLASSES[arch])
+  classes = _MODEL_CLASSES if num_labels is None else CLASSIFIER_CLASSES
+  model_class = getattr(tf, classes[arch])
   kwargs = {}
   if arch in ("resnet", "regnet"):  # Their wrappers default to 224x224 at init.
     kwargs["input_shape"] = (1, IMAGE_SIZE, IMAGE_SIZE, 3)
   model = model_class(config, _do_init=False, **kwargs)
   params = _random_params(model.params_shape_tree, seed)
-  model.save_pretrained(directory, params=params, safe_serialization=safe_serialization)
+  extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(directory, params=params, safe_serialization=safe_serialization,
+                        **extra)
   if preprocessor and arch not in TEXT_ARCHITECTURES:
     image_size = getattr(getattr(config, "vision_config", config), "image_size", IMAGE_SIZE)
     _save_preprocessor(arch, directory, image_size)
   return directory
 
 
-def load_hf(directory: str | os.PathLike, arch: str):
-  """(HF wrapper model, its params), for reference forward passes."""
+def load_hf(directory: str | os.PathLike, arch: str, classifier: bool = False):
+  """(HF wrapper model, its params), for reference forward passes;
+  `classifier=True`: the architecture's `...ForImageClassification`."""
   import transformers as tf
-  model, params = getattr(tf, _MODEL_CLASSES[arch]).from_pretrained(
+  classes = CLASSIFIER_CLASSES if classifier else _MODEL_CLASSES
+  model, params = getattr(tf, classes[arch]).from_pretrained(
       os.fspath(directory), _do_init=False)  # No random init at 224x224.
   return model, params
+
+
+def save_pytorch_format(directory: str | os.PathLike) -> str:
+  """Rewrites a saved tiny vit / resnet as PyTorch-format model.safetensors.
+
+  Without torch: Flax names and layouts mapped the way transformers' PyTorch
+  -> Flax converter maps them back (Dense kernels transposed, convolution
+  kernels HWIO -> OIHW, norm `scale` -> `weight`, BatchNorm `mean` / `var`
+  -> `running_mean` / `running_var`). The Flax weights file is removed.
+  """
+  from flax.serialization import msgpack_restore
+  from flax.traverse_util import flatten_dict
+  from safetensors.numpy import save_file
+  directory = os.fspath(directory)
+  path = os.path.join(directory, "flax_model.msgpack")
+  with open(path, "rb") as f:
+    flat = flatten_dict(msgpack_restore(f.read()))
+  state = {}
+  for key, value in flat.items():
+    key = key[1:] if key[0] in ("params", "batch_stats") else key
+    *module, leaf = key
+    value = np.asarray(value)
+    if leaf == "kernel":
+      leaf, value = "weight", (value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1))
+    elif leaf == "scale":
+      leaf = "weight"
+    elif leaf in ("mean", "var"):
+      leaf = "running_" + leaf
+    state[".".join([*module, leaf])] = np.ascontiguousarray(value)
+  save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  os.remove(path)
+  return directory

@@ -18,9 +18,13 @@ probe split (val200, examples the CNN has not seen; hub features of that split
 are extracted for these entries). Other keys are the estimator's own keyword
 options, checked against its signature.
 
-LEEP and NCE score a source classifier head's predictions. Hub backbones carry
-no head (fusion.hub.Backbone has none), so these entries are skipped, each with
-its reason in results.md and rankings.json, rather than failing the job.
+LEEP and NCE score a source classifier head's predictions: the softmax of each
+model's `source_head` (fusion.hub: an HF checkpoint's classifier, the offline
+hub's pre-training head) on its cached features of `select.split`. Models
+without a head are left out of those estimators' rankings, named in
+rankings.json (`no_source_head`) and results.md; their ranking metrics are over
+the models with a head (at least 2, else the estimator is not ranked on that
+task).
 """
 import dataclasses
 import inspect
@@ -53,8 +57,6 @@ REFERENCE_ESTIMATORS = ("rsa", "dds", "cka")
 REFERENCES = ("labels", "model")
 # Options the job fills in itself; configs may not set them.
 JOB_OPTIONS = ("reference_features", "source_probs", "source_labels", "num_classes")
-NO_SOURCE_HEAD = ("skipped: it scores a source classifier head's predictions and hub "
-                  "backbones carry no head (fusion.hub.Backbone has none)")
 GROUND_TRUTHS = ("linear_probe", "none")  # or a path to a results.json
 METRIC_TITLES = {
     "weighted_tau": "weighted Kendall tau (higher is better)",
@@ -98,7 +100,7 @@ class Entry:
   estimator: str            # registry name, e.g. "rsa"
   options: dict[str, Any]   # the estimator's keyword options
   reference: str            # "labels" or "model"
-  skipped: str | None = None
+  skipped: str | None = None  # why the entry cannot run at all (no such entry today)
 
 
 def _keyword_options(fn) -> set[str]:
@@ -139,8 +141,7 @@ def entries(cfg) -> list[Entry]:
       raise ValueError(f"select.options.{name} has unknown option(s) {unknown} for "
                        f"estimator {base!r}; valid: {sorted(valid)} (plus 'estimator' "
                        "and, for rsa/dds/cka, 'reference').")
-    skipped = NO_SOURCE_HEAD if base in selection.REQUIRED_OPTIONS else None
-    result.append(Entry(name, base, options, reference, skipped))
+    result.append(Entry(name, base, options, reference))
   return result
 
 
@@ -163,22 +164,36 @@ def _hub_features(ctx, task, split: str) -> tuple[dict[str, np.ndarray], np.ndar
   return feats, labels
 
 
+def source_probs(head, features: np.ndarray) -> np.ndarray:
+  """[N, C] float64 softmax of a fusion.hub.SourceHead on features [N, D]."""
+  logits = (np.asarray(features, np.float64) @ np.asarray(head.kernel, np.float64)
+            + np.asarray(head.bias, np.float64))
+  logits -= logits.max(axis=-1, keepdims=True)
+  probs = np.exp(logits)
+  return probs / probs.sum(axis=-1, keepdims=True)
+
+
 def score_models(entry: Entry, feats: Mapping[str, np.ndarray], labels: np.ndarray, *,
                  num_classes: int, reference: np.ndarray | None = None,
+                 probs: Mapping[str, np.ndarray] | None = None,
                  models_per_call: int = 8) -> dict[str, float]:
   """{model: score} of one estimator entry. Models with the same feature
-  dimension are stacked, `models_per_call` at a time, into one vmapped call."""
+  dimension (and, with `probs` {model: source_probs [N, C]}, the same source
+  class count C) are stacked, `models_per_call` at a time, into one vmapped call."""
   batched = selection.BATCHED[entry.estimator]
   extra = dict(entry.options, num_classes=num_classes)
   if entry.reference == "model":
     extra["reference_features"] = reference
-  by_dim: dict[int, list[str]] = {}
+  groups: dict[tuple[int, ...], list[str]] = {}
   for model, f in feats.items():
-    by_dim.setdefault(np.shape(f)[-1], []).append(model)
+    key = (np.shape(f)[-1],) + (() if probs is None else (np.shape(probs[model])[-1],))
+    groups.setdefault(key, []).append(model)
   scores = {}
-  for models in by_dim.values():
+  for models in groups.values():
     for start in range(0, len(models), models_per_call):
       chunk = models[start:start + models_per_call]
+      if probs is not None:
+        extra["source_probs"] = np.stack([probs[m] for m in chunk])
       try:
         values = batched(np.stack([feats[m] for m in chunk]), labels, **extra)
       except ValueError as e:
@@ -206,6 +221,9 @@ def rank_task(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str,
   feats, labels = _hub_features(ctx, task, cfg.split)
   out: dict[str, Any] = {"category": task.category, "split": cfg.split,
                          "num_examples": int(len(labels)), "scores": {}, "rankings": {}}
+  heads = {b.name: b.source_head for b in ctx.backbones}
+  no_head = [m for m in feats if heads[m] is None]
+  probs = None  # {model: source_probs}, computed once for every head estimator
   needs_reference = [e for e in active if e.reference == "model"]
   probe = None
   if needs_reference:
@@ -224,9 +242,18 @@ def rank_task(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str,
       f, y, r = probe
     else:
       f, y, r = feats, labels, None
+    entry_probs = None
+    if entry.estimator in selection.REQUIRED_OPTIONS:  # LEEP, NCE: models with a head
+      if no_head:
+        out.setdefault("no_source_head", {})[entry.name] = no_head
+      if probs is None:
+        probs = {m: source_probs(heads[m], feats[m]) for m in feats if heads[m] is not None}
+      if len(probs) < 2:
+        continue  # Nothing to rank; the note says so.
+      f, entry_probs = {m: f[m] for m in probs}, probs
     try:
       scores = score_models(entry, f, y, num_classes=task.num_classes, reference=r,
-                            models_per_call=int(cfg.models_per_call))
+                            probs=entry_probs, models_per_call=int(cfg.models_per_call))
     except ValueError as e:
       raise ValueError(f"task {task.name!r}: {e}") from e
     failed = sorted(m for m, v in scores.items() if not math.isfinite(v))
@@ -236,17 +263,26 @@ def rank_task(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str,
       out.setdefault("failed", {})[entry.name] = failed
       continue
     out["scores"][entry.name] = scores
-    out["rankings"][entry.name] = sorted(scores, key=lambda m: -scores[m])
+    # Ties go to the model whose name sorts first, as in ranking.top1_regret
+    # (evaluation_table lists models sorted): the pick and its regret agree.
+    out["rankings"][entry.name] = sorted(scores, key=lambda m: (-scores[m], m))
   if cfg.taxonomy.enabled:
     out["taxonomy"] = _taxonomy(feats, cfg.taxonomy)
   return out
+
+
+def _head_fingerprint(backbone) -> str | None:
+  head = backbone.source_head
+  return None if head is None else hub.tree_fingerprint(
+      {"kernel": head.kernel, "bias": head.bias})
 
 
 def rank_task_cached(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str, Any]:
   """`rank_task`, computed once per (task, hub, select config, seed) under $FUSION_HOME."""
   cfg = ctx.config.select
   inputs = {"version": RANKINGS_VERSION, "task": task.fingerprint, "seed": ctx.seed,
-            "models": [[b.name, hub.params_fingerprint(b)] for b in ctx.backbones],
+            "models": [[b.name, hub.params_fingerprint(b), _head_fingerprint(b)]
+                       for b in ctx.backbones],
             "select": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
             "batch_size": ctx.config.get("batch_size")}
   key = io.sha256_json(inputs)[:32]
@@ -312,6 +348,26 @@ def _ground_truth_index(rows: Sequence[Mapping[str, Any]], tasks, models: Sequen
     raise ValueError(f"the ground truth ({source}) has no test accuracy for (task, model) "
                      f"{missing}; it must cover every hub model on every task.")
   return index
+
+
+def evaluation_table(per_task: Mapping[str, Any],
+                     accuracies: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+  """ranking.ranking_table of rank_task's results, each (task, estimator)
+  against the models it scored (LEEP / NCE: those with a source head)."""
+  rows = []
+  for task, v in per_task.items():
+    for name, scores in v["scores"].items():
+      truth = {task: {m: accuracies[task][m] for m in scores}}
+      rows.extend(ranking.ranking_table({task: {name: scores}}, truth)["rows"])
+  metrics = list(ranking.METRICS)
+  estimators = list(dict.fromkeys(r["estimator"] for r in rows))
+  mean = []
+  for name in estimators:
+    mine = [r for r in rows if r["estimator"] == name]
+    mean.append({"estimator": name, "num_tasks": len(mine),
+                 **{m: float(np.mean([r[m] for r in mine])) for m in metrics}})
+  return {"metrics": metrics, "tasks": list(per_task), "estimators": estimators,
+          "rows": rows, "mean": mean}
 
 
 # ------------------------------------------------------------------ report
@@ -409,6 +465,14 @@ def _notes(entry_list, per_task, source: str, split: str) -> str:
     for name, models in v.get("failed", {}).items():
       lines.append(f"- `{name}` on {task}: NaN/inf scores for {models}; left out (–) of "
                    "that task.")
+    for name, models in v.get("no_source_head", {}).items():
+      if name in v["scores"]:
+        ranked = f"; ranked among the {len(v['scores'][name])} models with one"
+      elif name not in v.get("failed", {}):
+        ranked = "; not ranked (fewer than 2 models have one)"
+      else:
+        ranked = ""
+      lines.append(f"- `{name}` on {task}: no source head for {models}{ranked}.")
   accuracy = {t: v["reference"]["probe_accuracy"] for t, v in per_task.items()
               if "reference" in v}
   if accuracy:
@@ -469,7 +533,7 @@ def evaluate(ctx, task_list, gt_rows, workdir: str, source: str
     index = _ground_truth_index(gt_rows, task_list, models, source)
     accuracies = {t.name: {m: float(index[(t.name, m)]["test_accuracy"]) for m in models}
                   for t in task_list}
-    table = ranking.ranking_table({t: v["scores"] for t, v in per_task.items()}, accuracies)
+    table = evaluation_table(per_task, accuracies)
     for r in table["rows"]:
       scores = per_task[r["task"]]["scores"][r["estimator"]]
       top = per_task[r["task"]]["rankings"][r["estimator"]][0]
