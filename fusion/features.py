@@ -182,3 +182,69 @@ def extract(backbone: hub.Backbone, task, split: str, *,
   result = FeatureSet(out["features"], out["label"].astype(np.int32), key)
   _save_cached(directory, key, inputs, result)
   return result
+
+
+# ------------------------------------------------------------- thumbnails
+# Small images for gates that look at the input itself (fusion.routing's
+# ThumbnailCNN): the task's images through the data pipeline, resized
+# (bilinear, as for the backbones) to size x size and scaled to [-1, 1]
+# (mean = std = 0.5 per channel). Cached like features, keyed by task, split
+# and size.
+
+THUMBNAILS_VERSION = 1
+THUMBNAIL_MEAN = THUMBNAIL_STD = (0.5, 0.5, 0.5)  # (x / 255 - 0.5) / 0.5: [-1, 1].
+
+
+@dataclasses.dataclass(frozen=True)
+class Thumbnails:
+  images: np.ndarray  # [N, size, size, 3] float32 in [-1, 1]
+  labels: np.ndarray  # [N] int32
+  fingerprint: str
+
+
+def native_image_size(task, data_dir: str | None = None) -> int | None:
+  """The smaller side of the task's stored images, or None where it varies."""
+  from fusion.data import tasks as tasks_lib
+  feature = tasks_lib.make_builder(task, data_dir).info.features[task.image_key]
+  height, width = tuple(feature.shape)[:2]
+  return min(height, width) if height and width else None
+
+
+def thumbnail_fingerprint(task, split: str, size: int) -> tuple[str, dict[str, Any]]:
+  inputs = {"version": THUMBNAILS_VERSION, "kind": "thumbnails", "task": task.fingerprint,
+            "split": split, "split_spec": task.splits[split], "size": int(size),
+            "mean": THUMBNAIL_MEAN, "std": THUMBNAIL_STD, "resize": "bilinear"}
+  digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+  return digest[:32], inputs
+
+
+def extract_thumbnails(task, split: str, size: int, *, batch_size: int = 256,
+                       cache_dir: str | None = None,
+                       data_dir: str | None = None) -> Thumbnails:
+  """Thumbnails [N, size, size, 3] in [-1, 1] and labels of `task`'s `split`, cached.
+
+  Same examples in the same order as `extract`. A size above the task's
+  image size is an error (an upsampled thumbnail adds nothing).
+  """
+  if not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"Thumbnail size must be a positive int, got {size!r}.")
+  if split not in task.splits:
+    raise ValueError(f"Unknown split {split!r} for task {task.name!r}; valid: "
+                     f"{sorted(task.splits)}.")
+  native = native_image_size(task, data_dir)
+  if native is not None and size > native:
+    raise ValueError(f"Thumbnail size {size} is larger than the {native}x{native} images "
+                     f"of task {task.name!r}; use a size <= {native} (e.g. 8 or 16).")
+  directory = cache_dir or default_cache_dir()
+  key, inputs = thumbnail_fingerprint(task, split, size)
+  shape = (int(size), int(size), 3)
+  cached = _load_cached(directory, key)  # Stored flat, [N, size * size * 3].
+  if cached is None:
+    from fusion.data import pipeline  # Only here: no TF otherwise.
+    images, labels = pipeline.load_split(task, split, resolution=int(size),
+                                         mean=THUMBNAIL_MEAN, std=THUMBNAIL_STD,
+                                         batch_size=batch_size, data_dir=data_dir)
+    cached = FeatureSet(images.reshape(len(images), -1).astype(np.float32),
+                        labels.astype(np.int32), key)
+    _save_cached(directory, key, inputs, cached)
+  return Thumbnails(cached.features.reshape((-1,) + shape), cached.labels, key)
