@@ -20,7 +20,8 @@ from fusion.selection import job as select_job
 # must not import TensorFlow).
 TASKS = ("digits", "house_numbers", "mixed", "novel_textures", "shapes_location",
          "shapes_orientation", "scenes_count", "scenes_closest")
-METHODS = ("linear_probe", "nearest_centroid")
+METHODS = ("linear_probe", "nearest_centroid", "best_probe", "concat", "uniform_probe_avg",
+           "moe", "moe_no_label", "feature_gate")
 
 
 def get_config(arg=None):
@@ -38,5 +39,13 @@ def get_config(arg=None):
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
   config.linear_probe = config_lib.probe_config(learning_rates=(1e-3, 1e-2, 1e-1), steps=300)
   config.nearest_centroid = methods.get("nearest_centroid").default_config()
+  config.best_probe = methods.get("best_probe").default_config()
+  config.best_probe.probe = config.linear_probe  # Reuses the linear_probe units.
+  config.concat = methods.get("concat").default_config()
+  config.uniform_probe_avg = methods.get("uniform_probe_avg").default_config()
+  config.uniform_probe_avg.probe = config.linear_probe
+  config.moe = methods.get("moe").default_config()
+  config.moe_no_label = methods.get("moe_no_label").default_config()
+  config.feature_gate = methods.get("feature_gate").default_config()
   config.select = select_job.default_config()
   return config

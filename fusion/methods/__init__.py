@@ -20,7 +20,9 @@ import ml_collections
 from fusion import experiment
 from fusion import hub
 from fusion import predictions
+from fusion.methods import hub_baselines
 from fusion.methods import linear_probe
+from fusion.methods import moe
 from fusion.methods import nearest_centroid
 
 MEMBER_MODES = ("each", "hub")
@@ -48,6 +50,16 @@ class Method:
 METHODS: dict[str, Method] = {
     "linear_probe": Method.of("linear_probe", linear_probe),
     "nearest_centroid": Method.of("nearest_centroid", nearest_centroid),
+    "best_probe": Method("best_probe", hub_baselines.best_probe, hub_baselines.probes_config,
+                         "hub"),
+    "concat": Method("concat", hub_baselines.concat, hub_baselines.concat_config, "hub"),
+    "uniform_probe_avg": Method("uniform_probe_avg", hub_baselines.uniform_probe_avg,
+                                hub_baselines.probes_config, "hub"),
+    "moe": Method.of("moe", moe),
+    "moe_no_label": Method("moe_no_label", moe.fit_predict, moe.no_label_config, "hub",
+                           moe.VERSION),
+    "feature_gate": Method("feature_gate", moe.fit_predict, moe.feature_gate_config, "hub",
+                           moe.VERSION),
 }
 
 
