@@ -27,7 +27,9 @@ TASKS = ("digits", "house_numbers", "mixed", "novel_textures", "shapes_location"
 # features fail (a CNN trained from scratch beats every linear probe there).
 FINETUNE_TASKS = ("digits", "house_numbers", "novel_textures", "shapes_orientation",
                   "scenes_count")
-FEATURE_METHODS = ("linear_probe", "nearest_centroid")
+# On cached features: cheap, on every task.
+FEATURE_METHODS = ("linear_probe", "nearest_centroid", "best_probe", "concat",
+                   "uniform_probe_avg", "moe", "moe_no_label", "feature_gate")
 # Each fine-tunes the top K models by kNN (cached units shared between them);
 # `:full` adds every model's own fine-tune row and the greedy ensemble of them all.
 FINETUNE_METHODS = ("finetune_best", "uniform_topk", "ensemble", "seed_ensemble",
@@ -52,8 +54,11 @@ def get_config(arg=None):
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
   config.linear_probe = config_lib.probe_config(learning_rates=(1e-3, 1e-2, 1e-1), steps=300)
-  for name in ("nearest_centroid", "finetune", "ensemble"):
+  for name in ("nearest_centroid", "finetune", "ensemble", "best_probe", "concat",
+               "uniform_probe_avg", "moe", "moe_no_label", "feature_gate"):
     config[name] = methods_lib.get(name).default_config()
+  config.best_probe.probe = config.linear_probe  # Reuses the linear_probe units.
+  config.uniform_probe_avg.probe = config.linear_probe
   config.finetune.learning_rates = (0.01, 0.03, 0.1) if arg.full else (0.01, 0.05)
   config.finetune.steps = (300,) if arg.full else (150,)
   config.select = select_job.default_config()

@@ -218,3 +218,92 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | Non
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
+
+
+def _figure(width: float, height: float):
+  """A Figure of its own with an Agg canvas (never pyplot's global backend)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _annotated(ax, grid: np.ndarray, rows: Sequence[str], columns: Sequence[str],
+               fmt: str, **imshow):
+  im = ax.imshow(grid, aspect="auto", **imshow)
+  ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
+  ax.set_yticks(range(len(rows)), rows, fontsize=7)
+  middle = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
+  for (i, j), v in np.ndenumerate(grid):
+    if np.isfinite(v):
+      ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6,
+              color="white" if v < middle else "black")
+  return im
+
+
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+
+
+def plot_gate_weights(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
+  """Tasks x models heatmaps of `gate_mean_weight` (the gate's mean weight per
+  model over test inputs), one panel per gated method. False: no such rows."""
+  rows = [r for r in rows if r.get("gate_mean_weight")]
+  if not rows:
+    return False
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  tasks = _sort_tasks({r["task"]: r["category"] for r in rows})
+  models = list(dict.fromkeys(m for r in rows for m in r["gate_mean_weight"]))
+  fig = _figure(1.5 + (0.55 * len(models) + 1.2) * len(methods), 1.6 + 0.35 * len(tasks))
+  for k, method in enumerate(methods):
+    grid = np.full((len(tasks), len(models)), np.nan)
+    for r in rows:
+      if r["method"] == method:
+        for m, w in r["gate_mean_weight"].items():
+          grid[tasks.index(r["task"]), models.index(m)] = float(w)
+    ax = fig.add_subplot(1, len(methods), k + 1)
+    im = _annotated(ax, grid, tasks, models, ".2f", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_title(f"{method}: mean gate weight", fontsize=8)
+    fig.colorbar(im, ax=ax)
+  _save(fig, path)
+  return True
+
+
+def plot_agreement(rows: Sequence[Mapping[str, Any]], path: str) -> bool:
+  """Per task, models x models: the pairwise agreement of the linear probes'
+  test predictions, each probe's test accuracy on the diagonal (rows with
+  `probe_study`, from uniform_probe_avg). False: no such rows."""
+  studies = {}
+  for r in rows:
+    if r.get("probe_study"):
+      studies.setdefault(r["task"], (r["category"], r["probe_study"]))
+  if not studies:
+    return False
+  tasks = _sort_tasks({t: c for t, (c, _) in studies.items()})
+  columns = min(4, len(tasks))
+  lines = -(-len(tasks) // columns)
+  size = max(len(s["models"]) for _, s in studies.values())
+  fig = _figure(columns * (1.5 + 0.45 * size), lines * (1.3 + 0.45 * size))
+  for k, task in enumerate(tasks):
+    study = studies[task][1]
+    grid = 100 * np.array(study["test_agreement"], float)
+    np.fill_diagonal(grid, 100 * np.array(study["test_accuracy"], float))
+    ax = fig.add_subplot(lines, columns, k + 1)
+    _annotated(ax, grid, study["models"], study["models"], ".0f", cmap="magma",
+               vmin=0.0, vmax=100.0)
+    ax.set_title(f"{task}: agreement (%), diagonal: accuracy", fontsize=8)
+  _save(fig, path)
+  return True
+
+
+def plot_study(rows: Sequence[Mapping[str, Any]], plots_dir: str) -> list[str]:
+  """The gated-fusion study's plots that `rows` can make: gate_weights.png, agreement.png."""
+  made = []
+  for name, plot in (("gate_weights.png", plot_gate_weights),
+                     ("agreement.png", plot_agreement)):
+    if plot(rows, os.path.join(plots_dir, name)):
+      made.append(os.path.join(plots_dir, name))
+  return made

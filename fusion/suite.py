@@ -116,6 +116,7 @@ def run(config, workdir: str) -> str:
   for name in per_model:
     report.plot_heatmap(rows, os.path.join(workdir, "plots", f"{name}.png"), method=name,
                         title=f"{name}: test accuracy (%)")
+  report.plot_study(rows, os.path.join(workdir, "plots"))  # Gate weights, probe agreement.
   logging.info("suite: %d rows of %d methods on %d tasks", len(rows), len(names),
                len(task_list))
   return report.write_results(workdir, rows, sections, table_methods=per_model,

@@ -419,7 +419,7 @@ def _vtab_tasks() -> list[Task]:
       # (CLEVR's test scenes carry no annotations).
       Task("clevr_count", "clevr:3.*.*",
            _val_from_train(_CLEVR_TRAIN, 90, "validation"), clevr_count_label, 8,
-           "structured", label_names=tuple(str(n) for n in range(3, 11)),
+           "structured", label_names=tuple(f"{n} objects" for n in range(3, 11)),
            source_sizes={"train": _CLEVR_TRAIN}),
       Task("clevr_distance", "clevr:3.*.*",
            _val_from_train(_CLEVR_TRAIN, 90, "validation"), clevr_distance_label,
@@ -441,7 +441,8 @@ def _vtab_tasks() -> list[Task]:
       Task("dsprites_orientation", "dsprites:2.*.*",
            _three_way_from_train(_DSPRITES_TRAIN, 80, 10),
            dsprites_orientation_label, 16, "structured", image_fn=dsprites_image,
-           label_names=tuple(f"orientation bin {i}" for i in range(16)),
+           label_names=tuple(f"rotated {22.5 * i:g} to {22.5 * (i + 1):g} degrees"
+                             for i in range(16)),
            source_sizes={"train": _DSPRITES_TRAIN}),
       # smallnorb.py: val = first half of TFDS test, test = second half.
       Task("smallnorb_azimuth", "smallnorb:2.*.*",
@@ -464,6 +465,28 @@ def _vtab_tasks() -> list[Task]:
 OFFLINE_SHIFT = corruptions.Shift(severity=3, seed=0)
 
 
+def _spoken_names(name: str, names: tuple[str, ...]) -> tuple[str, ...]:
+  """Class names in words, for text encoders (the label head of gated fusion).
+
+  The rendered tasks' own names (their TFDS ClassLabel's) are short codes
+  ("x3", "2.00-2.18"); these say the same in words, class by class. Names are
+  no part of the task's fingerprint: features and data do not change.
+  """
+  words = {
+      "mixed": lambda n: "digit {} or {} texture".format(*n.replace("_", " ").split("|")),
+      "novel_textures": lambda n: f"{n.replace('_', ' ')} texture",
+      "shapes_orientation": lambda n: "shape rotated {} to {} degrees".format(
+          *n.removesuffix("deg").split("-")),
+      "scenes_count": lambda n: f"scene with {n} objects",
+      "scenes_closest": lambda n: "scene whose closest object is {} to {} away".format(
+          *n.split("-")),
+  }
+  if name == "shapes_location":  # "x<k>": k-th of len(names) equal bins of the width.
+    return tuple(f"shape {100 * (k + 0.5) / len(names):.0f}% from the left"
+                 for k in range(len(names)))
+  return tuple(map(words[name], names)) if name in words else names
+
+
 def _rendered_task(name: str) -> Task:
   """A task of `render.TASKS` as built by `synthetic.RenderedTasks`.
 
@@ -475,7 +498,7 @@ def _rendered_task(name: str) -> Task:
   spec = render.get_task(name)
   return Task(name, f"{synthetic.RenderedTasks.name}/{name}:{config.version}",
               _WITH_VALIDATION, class_label, spec.num_classes, spec.category,
-              label_names=spec.class_names, offline=True,
+              label_names=_spoken_names(name, spec.class_names), offline=True,
               source_sizes=config.split_sizes, shift=OFFLINE_SHIFT)
 
 

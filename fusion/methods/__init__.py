@@ -24,7 +24,9 @@ from fusion import hub
 from fusion import predictions
 from fusion.methods import ensemble
 from fusion.methods import finetune
+from fusion.methods import hub_baselines
 from fusion.methods import linear_probe
+from fusion.methods import moe
 from fusion.methods import nearest_centroid
 from fusion.methods import pathway
 from fusion.methods import soup
@@ -73,6 +75,16 @@ METHODS: dict[str, Method] = {
     "pathway": Method.of("pathway", pathway),
     "pathway_k1": Method.of("pathway_k1", pathway, pathway.fit_k1, "pathway"),
     "pathway_frozen": Method.of("pathway_frozen", pathway, pathway.fit_frozen, "pathway"),
+    "best_probe": Method("best_probe", hub_baselines.best_probe, hub_baselines.probes_config,
+                         "hub"),
+    "concat": Method("concat", hub_baselines.concat, hub_baselines.concat_config, "hub"),
+    "uniform_probe_avg": Method("uniform_probe_avg", hub_baselines.uniform_probe_avg,
+                                hub_baselines.probes_config, "hub"),
+    "moe": Method.of("moe", moe),
+    "moe_no_label": Method("moe_no_label", moe.fit_predict, moe.no_label_config, "hub",
+                           moe.VERSION),
+    "feature_gate": Method("feature_gate", moe.fit_predict, moe.feature_gate_config, "hub",
+                           moe.VERSION),
 }
 
 
