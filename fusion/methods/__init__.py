@@ -26,6 +26,7 @@ from fusion.methods import ensemble
 from fusion.methods import finetune
 from fusion.methods import linear_probe
 from fusion.methods import nearest_centroid
+from fusion.methods import shift
 from fusion.methods import soup
 
 MEMBER_MODES = ("each", "hub")
@@ -69,6 +70,10 @@ METHODS: dict[str, Method] = {
     "greedy_all": Method.of("greedy_all", ensemble, ensemble.fit_greedy_all, "ensemble"),
     "uniform_soup": Method.of("uniform_soup", soup, soup.fit_uniform, "ensemble"),
     "greedy_soup": Method.of("greedy_soup", soup, config_key="ensemble"),
+    "shift": Method.of("shift", shift),
+    "independent": Method.of("independent", shift, shift.fit_independent, "shift"),
+    "brief_only": Method.of("brief_only", shift, shift.fit_brief_only, "shift"),
+    "shift_only": Method.of("shift_only", shift, shift.fit_shift_only, "shift"),
 }
 
 
