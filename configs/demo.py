@@ -28,10 +28,12 @@ TASKS = ("digits", "house_numbers", "mixed", "novel_textures", "shapes_location"
 FINETUNE_TASKS = ("digits", "house_numbers", "novel_textures", "shapes_orientation",
                   "scenes_count")
 FEATURE_METHODS = ("linear_probe", "nearest_centroid")
-# Each fine-tunes the top K models by kNN (cached units shared between them);
+# The first six fine-tune the top K models by kNN (cached units shared between them);
+# the last four transfer the resnet_glyphs seed ensemble (config.shift.members);
 # `:full` adds every model's own fine-tune row and the greedy ensemble of them all.
 FINETUNE_METHODS = ("finetune_best", "uniform_topk", "ensemble", "seed_ensemble",
-                    "uniform_soup", "greedy_soup")
+                    "uniform_soup", "greedy_soup", "shift", "independent", "brief_only",
+                    "shift_only")
 METHODS = FEATURE_METHODS + FINETUNE_METHODS
 
 
@@ -52,7 +54,7 @@ def get_config(arg=None):
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
   config.linear_probe = config_lib.probe_config(learning_rates=(1e-3, 1e-2, 1e-1), steps=300)
-  for name in ("nearest_centroid", "finetune", "ensemble"):
+  for name in ("nearest_centroid", "finetune", "ensemble", "shift"):
     config[name] = methods_lib.get(name).default_config()
   config.finetune.learning_rates = (0.01, 0.03, 0.1) if arg.full else (0.01, 0.05)
   config.finetune.steps = (300,) if arg.full else (150,)
