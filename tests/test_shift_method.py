@@ -261,6 +261,35 @@ def test_reestimated_batch_statistics_forget_the_start(run):
   # Two batches: the mean of their own estimates.
   for a, h0, h1 in zip(*(jax.tree.leaves(t["batch_stats"]) for t in [own] + halves)):
     np.testing.assert_allclose(a, (np.asarray(h0) + h1) / 2, rtol=1e-4, atol=1e-6)
+  # batch_stats="reestimate" in a member's start: re-estimated on its training split.
+  unit = _member0(ctx, task)
+  tuned = _params(unit.fields["val_run"])
+  delta = shift.encoder_delta(tuned["backbone"], r0.params)
+  plan = shift.Plan(unit.fields["learning_rate"], 0, "copy", "reestimate", True)
+  key, _ = shift.member_side(ctx, task, r1, "train800", plan, delta, [unit.fields["val_run"]],
+                             unit.fields["val_run"], tuned, ctx.config.finetune, 0)
+  start = shift.start_params(r1.params, delta, tuned, "copy", "own")
+  expect = shift.reestimate_batch_stats(r1, start["backbone"], images, 32)
+  assert _equal(_params(key), {"backbone": expect, "head": tuned["head"]})
+
+
+def test_delta_from_2_adds_the_mean_shift_of_two_full_fine_tunes(run):
+  ctx, task, rows = run
+  config = ml_collections.ConfigDict(ctx.config.shift.to_dict())
+  config.delta_from = 2
+  _, result = methods.run_unit(ctx, "shift_only", task, ctx.backbones, config=config)
+  assert list(result.fields["member_runs"]) == ["r2"]
+  units = [methods.run_unit(ctx, "finetune", task, [ctx.backbone(n)])[1] for n in ("r0", "r1")]
+  for pred_split, _, field in shift.SIDES:
+    tuned = [_params(u.fields[field]) for u in units]
+    delta = shift.mean_delta([shift.encoder_delta(t["backbone"], ctx.backbone(n).params)
+                              for t, n in zip(tuned, ("r0", "r1"))])
+    run_key = "val_run" if pred_split == "val200" else "final_run"
+    assert _equal(_params(result.fields["member_runs"]["r2"][run_key]),
+                  shift.start_params(ctx.backbone("r2").params, delta, tuned[0], "copy", "own"))
+  # Two full fine-tunes (independent's) and one shifted member.
+  assert result.train_steps == 2 * units[0].train_steps
+  assert result.fields["compute_ratio_vs_independent"] == pytest.approx(2 / 3)
 
 
 def test_adding_a_member_is_one_shift_and_brief_fine_tune_only(run, monkeypatch):
