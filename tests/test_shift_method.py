@@ -173,7 +173,7 @@ def test_trees_that_differ_are_named_with_path_and_shapes():
 # ------------------------------------------------------------------ on tiny models
 
 
-def test_the_four_methods_report_through_the_suite(run):
+def test_the_four_methods_report_diversity_and_compute_in_their_rows(run):
   ctx, task, rows = run
   for name in NAMES:
     assert methods.get(name).config_key == "shift" and methods.get(name).uses == ("finetune",)
