@@ -30,10 +30,13 @@ FINETUNE_TASKS = ("digits", "house_numbers", "novel_textures", "shapes_orientati
 # On cached features: cheap, on every task.
 FEATURE_METHODS = ("linear_probe", "nearest_centroid", "best_probe", "concat",
                    "uniform_probe_avg", "moe", "moe_no_label", "feature_gate")
-# Each fine-tunes the top K models by kNN (cached units shared between them);
+# The first six fine-tune the top K models by kNN (cached units shared between them);
+# the next four transfer the resnet_glyphs seed ensemble (config.shift.members); the
+# last three route through the hub (Hub-Pathway, k = 1 and 2, and on frozen features);
 # `:full` adds every model's own fine-tune row and the greedy ensemble of them all.
 FINETUNE_METHODS = ("finetune_best", "uniform_topk", "ensemble", "seed_ensemble",
-                    "uniform_soup", "greedy_soup")
+                    "uniform_soup", "greedy_soup", "shift", "independent", "brief_only",
+                    "shift_only", "pathway_k1", "pathway", "pathway_frozen")
 METHODS = FEATURE_METHODS + FINETUNE_METHODS
 
 
@@ -54,8 +57,8 @@ def get_config(arg=None):
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
   config.linear_probe = config_lib.probe_config(learning_rates=(1e-3, 1e-2, 1e-1), steps=300)
-  for name in ("nearest_centroid", "finetune", "ensemble", "best_probe", "concat",
-               "uniform_probe_avg", "moe", "moe_no_label", "feature_gate"):
+  for name in ("nearest_centroid", "finetune", "ensemble", "shift", "best_probe", "concat",
+               "uniform_probe_avg", "moe", "moe_no_label", "feature_gate", "pathway"):
     config[name] = methods_lib.get(name).default_config()
   config.best_probe.probe = config.linear_probe  # Reuses the linear_probe units.
   config.uniform_probe_avg.probe = config.linear_probe

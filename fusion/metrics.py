@@ -82,3 +82,32 @@ def disagreement(logits_a: np.ndarray, logits_b: np.ndarray) -> float:
   if a.shape != b.shape or a.ndim != 2:
     raise ValueError(f"Expected two [N, C] arrays of one shape; got {a.shape}, {b.shape}.")
   return float(np.mean(a.argmax(-1) != b.argmax(-1)))
+
+
+def _members(logits_list) -> list[np.ndarray]:
+  arrays = [np.asarray(x, np.float64) for x in logits_list]
+  if len(arrays) < 2:
+    raise ValueError(f"Pairwise diversity needs at least 2 members; got {len(arrays)}.")
+  shapes = {a.shape for a in arrays}
+  if len(shapes) != 1 or arrays[0].ndim != 2:
+    raise ValueError(f"Expected members' logits [N, C] of one shape; got {sorted(shapes)}.")
+  return arrays
+
+
+def pairwise_disagreement(logits_list) -> float:
+  """Mean over member pairs i < j of the fraction of inputs whose top-1 differs."""
+  arrays = _members(logits_list)
+  pairs = [(i, j) for i in range(len(arrays)) for j in range(i + 1, len(arrays))]
+  return float(np.mean([disagreement(arrays[i], arrays[j]) for i, j in pairs]))
+
+
+def pairwise_kl(logits_list) -> float:
+  """Mean over ordered member pairs i != j of mean_n KL(p_i(x_n) || p_j(x_n)), in nats.
+
+  Averaging both directions makes it the symmetrised KL, (KL(p||q) + KL(q||p)) / 2,
+  averaged over unordered pairs.
+  """
+  logp = [log_softmax(a) for a in _members(logits_list)]
+  kls = [np.mean(np.sum(np.exp(logp[i]) * (logp[i] - logp[j]), axis=-1))
+         for i in range(len(logp)) for j in range(len(logp)) if i != j]
+  return float(np.mean(kls))

@@ -121,6 +121,10 @@ def default_config(seed: int = 0) -> ml_collections.ConfigDict:
       warmup_steps=30, grad_clip_norm=1.0))
   config.models = (
       _model("resnet_glyphs", "resnet", "glyphs", "supervised", 0, 350),
+      # Seed twins of resnet_glyphs (member 0): the source ensemble of the shift method.
+      _model("resnet_glyphs_seed1", "resnet", "glyphs", "supervised", 1, 350),
+      _model("resnet_glyphs_seed2", "resnet", "glyphs", "supervised", 2, 350),
+      _model("resnet_glyphs_seed3", "resnet", "glyphs", "supervised", 3, 350),
       _model("resnet_shapes", "resnet", "shapes", "supervised", 0, 300),
       _model("dinov2_textures", "dinov2", "textures", "supervised", 0, 250),
       _model("dinov2_textures_seed1", "dinov2", "textures", "supervised", 1, 250),

@@ -29,6 +29,7 @@ from fusion.methods import linear_probe
 from fusion.methods import moe
 from fusion.methods import nearest_centroid
 from fusion.methods import pathway
+from fusion.methods import shift
 from fusion.methods import soup
 
 MEMBER_MODES = ("each", "hub")
@@ -85,6 +86,10 @@ METHODS: dict[str, Method] = {
                            moe.VERSION),
     "feature_gate": Method("feature_gate", moe.fit_predict, moe.feature_gate_config, "hub",
                            moe.VERSION),
+    "shift": Method.of("shift", shift),
+    "independent": Method.of("independent", shift, shift.fit_independent, "shift"),
+    "brief_only": Method.of("brief_only", shift, shift.fit_brief_only, "shift"),
+    "shift_only": Method.of("shift_only", shift, shift.fit_shift_only, "shift"),
 }
 
 
