@@ -31,6 +31,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the job.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", False,
+    "Keep compiled XLA programs in $FUSION_HOME/jax_cache for later runs. Off by default: "
+    "jaxlib 0.9.2's CPU backend logs a machine-feature warning for every program it "
+    "loads from the cache, and a rerun of a cached job compiles little anyway.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -130,7 +135,8 @@ def main(argv):
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()
-  fusion.use_compilation_cache()
+  if _COMPILATION_CACHE.value:
+    fusion.use_compilation_cache()
   config = _CONFIG.value
   try:
     validate(config)

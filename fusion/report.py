@@ -307,3 +307,32 @@ def plot_study(rows: Sequence[Mapping[str, Any]], plots_dir: str) -> list[str]:
     if plot(rows, os.path.join(plots_dir, name)):
       made.append(os.path.join(plots_dir, name))
   return made
+
+
+def plot_routing(rows: Sequence[Mapping[str, Any]], plots_dir: str) -> list[str]:
+  """routing_<method>_<task>.png: classes x models, the fraction of each class's
+  test inputs that a routed method (Hub-Pathway) runs through each model."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  paths = []
+  for r in rows:
+    if "routing_matrix" not in r:
+      continue
+    grid = np.asarray(r["routing_matrix"], np.float64)
+    models = r.get("routing_models") or [str(i) for i in range(grid.shape[1])]
+    fig = Figure(figsize=(1.5 + 0.6 * len(models), 1.2 + 0.25 * len(grid)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+    ax.set_yticks(range(len(grid)), [str(c) for c in range(len(grid))])
+    ax.set_ylabel("class")
+    ax.set_title(f"{r['method']} on {r['task']}: inputs routed to each model", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fraction of the class's test inputs")
+    fig.tight_layout()
+    path = os.path.join(plots_dir, f"routing_{r['method']}_{r['task']}.png")
+    os.makedirs(plots_dir, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    paths.append(path)
+  return paths

@@ -117,6 +117,7 @@ def run(config, workdir: str) -> str:
     report.plot_heatmap(rows, os.path.join(workdir, "plots", f"{name}.png"), method=name,
                         title=f"{name}: test accuracy (%)")
   report.plot_study(rows, os.path.join(workdir, "plots"))  # Gate weights, probe agreement.
+  report.plot_routing(rows, os.path.join(workdir, "plots"))  # Hub-Pathway's routing.
   logging.info("suite: %d rows of %d methods on %d tasks", len(rows), len(names),
                len(task_list))
   return report.write_results(workdir, rows, sections, table_methods=per_model,

@@ -9,12 +9,3 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-# One persistent compilation cache for the session (fresh each run): tests load
-# the same tiny models many times, and the cache turns their identical
-# programs into one compilation each.
-import tempfile  # noqa: E402
-
-import fusion  # noqa: E402
-
-fusion.use_compilation_cache(tempfile.mkdtemp(prefix="fusion-test-jax-cache-"),
-                             min_compile_seconds=0.0)

@@ -1,0 +1,176 @@
+"""Hub-Pathway: noisy top-k routing, capacity dispatch, losses and the method.
+
+k = M without noise is the dense gate-weighted mixture; overflow past a
+model's capacity is dropped and counted, never mis-routed; the exploitation
+loss reaches a head only through the inputs routed to it; 8 devices give the
+loss of 1; the method runs through the suite on tiny models."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fusion import main
+from fusion import routing
+from fusion import sharding
+from fusion import train
+from fusion.methods import pathway
+
+import tiny_models
+
+B, DIMS, K = 16, (3, 5, 4), 6  # Batch, per-model feature dims, classes.
+M = len(DIMS)
+
+
+def _network(k, slots, weights=(1.0, 0.0, 0.0, 1.0)):
+  encoders = tuple(pathway._identity for _ in DIMS)
+  generator = routing.FeatureGate(2 * M)
+  return pathway._network(encoders, generator, k, slots, K, weights), generator
+
+
+def _batch(rng, n=B):
+  return {"inputs": [rng.normal(size=(n, d)).astype(np.float32) for d in DIMS],
+          "gate_input": rng.normal(size=(n, 7)).astype(np.float32),
+          "label": rng.integers(0, K, n).astype(np.int32), "valid": np.ones(n, bool)}
+
+
+def _params(generator, batch, rng):
+  gen = generator.init(jax.random.PRNGKey(0), batch["gate_input"][:1])
+  gen = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), gen)
+  heads = [{"kernel": rng.normal(size=(d, K)).astype(np.float32),
+            "bias": rng.normal(size=K).astype(np.float32)} for d in DIMS]
+  return {"generator": gen, "heads": heads, "encoders": [{} for _ in DIMS]}
+
+
+def _softmax(x):
+  x = np.asarray(x, np.float64)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_k_equal_m_without_noise_is_the_dense_weighted_mixture():
+  rng = np.random.default_rng(0)
+  (_, predict), generator = _network(k=M, slots=routing.capacity(M, B, M, 1.0))
+  batch = _batch(rng)
+  params = _params(generator, batch, rng)
+  log_probs, routed, dropped = predict(params, batch)
+  clean = np.asarray(generator.apply(params["generator"], batch["gate_input"]))[:, :M]
+  gates = _softmax(clean)
+  dense = sum(gates[:, [m]] * _softmax(batch["inputs"][m] @ params["heads"][m]["kernel"]
+                                       + params["heads"][m]["bias"]) for m in range(M))
+  np.testing.assert_allclose(np.exp(log_probs), dense, rtol=1e-5, atol=1e-6)
+  assert int(dropped) == 0 and np.all(np.asarray(routed) == 1)
+
+
+def test_top_k_gates_and_their_losses_match_numpy():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(9, 5)).astype(np.float32)
+  gates, index = routing.top_k_gates(jnp.asarray(logits), 2)
+  top = np.argsort(-logits, 1)[:, :2]
+  expected = np.zeros_like(logits, np.float64)
+  for b in range(9):
+    expected[b, top[b]] = _softmax(logits[b, top[b]])
+  np.testing.assert_allclose(gates, expected, rtol=1e-6)
+  importance = expected.sum(0)
+  assert float(routing.importance_loss(gates)) == pytest.approx(
+      importance.var() / importance.mean() ** 2, rel=1e-5)
+  with pytest.raises(ValueError, match=r"1 <= k <= M = 5 models; got k=6"):
+    routing.top_k_gates(jnp.asarray(logits), 6)
+
+
+def test_overflow_is_dropped_and_counted_in_batch_order():
+  rng = np.random.default_rng(2)
+  gates = np.zeros((12, 3), np.float32)
+  choice = rng.integers(0, 3, 12)
+  gates[np.arange(12), choice] = 1.0
+  slots = 2
+  dispatch, combine, dropped = routing.dispatch(jnp.asarray(gates), slots)
+  dispatch = np.asarray(dispatch)
+  expect_dropped = sum(max(0, np.sum(choice == m) - slots) for m in range(3))
+  assert int(dropped) == expect_dropped > 0
+  for m in range(3):
+    routed = np.flatnonzero(choice == m)
+    kept = routed[:slots]  # First come, first served.
+    for c, b in enumerate(kept):
+      assert dispatch[b, m, c] == 1 and dispatch[:, m, c].sum() == 1
+    assert dispatch[routed[slots:], m].sum() == 0  # Dropped: no slot, no weight.
+  assert dispatch.sum() == 12 - expect_dropped
+  np.testing.assert_array_equal(np.asarray(combine), dispatch * gates[..., None])
+
+
+def test_exploitation_gradients_reach_a_head_only_from_its_routed_inputs():
+  rng = np.random.default_rng(3)
+  (loss_fn, predict), generator = _network(k=1, slots=B, weights=(0.0, 0.0, 0.0, 1.0))
+  batch = _batch(rng)
+  params = _params(generator, batch, rng)
+  _, routed, _ = predict(params, batch)
+  routed = np.asarray(routed)
+
+  def head_grads(b):
+    return jax.grad(lambda p: loss_fn(p, b, None)[0])(params)["heads"]
+
+  base = head_grads(batch)
+  for m in range(M):
+    assert routed[:, m].any() and not routed[:, m].all()
+    changed = {**batch, "inputs": [x.copy() for x in batch["inputs"]]}
+    changed["inputs"][m][routed[:, m] == 0] += 10.0  # Inputs not routed to m.
+    after = head_grads(changed)
+    np.testing.assert_allclose(after[m]["kernel"], base[m]["kernel"], atol=1e-6)
+    changed["inputs"][m][routed[:, m] == 1] += 1.0  # Inputs routed to m.
+    assert not np.allclose(head_grads(changed)[m]["kernel"], base[m]["kernel"])
+
+
+def test_eight_devices_give_the_loss_of_one():
+  rng = np.random.default_rng(4)
+  (loss_fn, _), generator = _network(k=2, slots=routing.capacity(2, B, M, 1.25),
+                                     weights=(1.0, 0.01, 0.01, 1.0))
+  batch = _batch(rng)
+  params = _params(generator, batch, rng)
+  losses = []
+  for mesh in (sharding.make_mesh(1), sharding.make_mesh(8)):
+    state = train.train(loss_fn=loss_fn, params=params, batch_fn=lambda step: batch,
+                        config={"optimizer": "sgd", "learning_rate": 0.1}, mesh=mesh,
+                        num_steps=2, checkpoint=False, progress=False)
+    losses.append(float(loss_fn(jax.device_get(state.params), batch, None)[0]))
+  assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("k, capacity_factor, message", [
+    (0, 1.0, r"1 <= k <= M = 3 models; got k=0"),
+    (4, 1.0, r"1 <= k <= M = 3 models; got k=4"),
+    (1, 0.0, r"capacity_factor=0.0 must be > 0"),
+])
+def test_bad_routing_settings_are_named(k, capacity_factor, message):
+  config = pathway.default_config()
+  config.capacity_factor = capacity_factor
+  with pytest.raises(ValueError, match=message):
+    pathway.check_config(config, 3, k)
+  with pytest.raises(ValueError, match="at least 2"):
+    pathway.check_config(pathway.default_config(), 1, 1)
+
+
+def test_pathway_runs_through_the_suite(tmp_path, monkeypatch):
+  monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home"))
+  specs = [{"name": a, "path": tiny_models.save_tiny(a, tmp_path / a)}
+           for a in ("resnet", "vit", "dinov2")]
+  cfg = pathway.default_config()
+  cfg.steps, cfg.frozen_steps, cfg.batch_size = 10, 30, 32
+  config = ml_collections.ConfigDict(dict(
+      job="suite", seed=0, tasks=("digits",), hub=specs, batch_size=64, num_devices=0,
+      cache_dir="", predictions_dir="", methods=("pathway_k1", "pathway_frozen"),
+      pathway=cfg))
+  main.run(config, str(tmp_path / "work"))
+  with open(tmp_path / "work" / "results.json") as f:
+    rows = {r["method"]: r for r in json.load(f)["rows"]}
+  k1, frozen = rows["pathway_k1"], rows["pathway_frozen"]
+  assert k1["k"] == 1 and frozen["k"] == 2 and frozen["frozen"]
+  # An input runs through at most k models; drops only lower that.
+  assert 0 < k1["models_per_input"] <= 1 and 1 < frozen["models_per_input"] <= 2
+  assert np.shape(k1["routing_matrix"]) == (10, 3) and k1["test_dropped"] >= 0
+  assert k1["capacity"] == routing.capacity(1, 32, 3, cfg.capacity_factor) == 14
+  # Cost grows with k: the k = 1 pathway runs fewer GFLOPs per image.
+  assert k1["inference_gflops"] < frozen["inference_gflops"]
+  assert os.path.exists(tmp_path / "work" / "plots" / "routing_pathway_k1_digits.png")
