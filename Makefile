@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/select.py
+	$(PY) benchmarks/pathway.py
 	$(PY) benchmarks/finetune.py
 
 clean:

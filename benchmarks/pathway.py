@@ -1,0 +1,128 @@
+"""Hub-Pathway's cost against k: train-step and inference times of k = 1, k = 2
+and dense routing (k = M) over the whole offline hub, and their ratios.
+
+  python benchmarks/pathway.py                    # the offline hub's M models, batch 64
+  python benchmarks/pathway.py --size tiny --steps 2 --repeats 1 --batch_size 16  # smoke
+
+Models have the offline hub's architectures and sizes (`offline_hub.default_config()`:
+ResNets, DINOv2s, ViTs at 32x32; weights drawn from the shapes by tests/tiny_models,
+saved and loaded through `fusion.hub.load`: speed does not depend on them, and no
+hub needs building). The network is `fusion.methods.pathway`'s (thumbnail
+generator, noisy top-k, capacity dispatch, per-model heads, hub models
+fine-tuned), trained through `fusion.train.train` on random images. Times exclude
+compilation (a warm-up run first; the fastest of `--repeats`). Goal of the
+issue: time(k) / time(dense) <= 1.3 k / M; the script prints the measured ratio
+beside it.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, _REPO)
+sys.path.insert(0, os.path.join(_REPO, "tests"))  # tiny_models
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+TINY = {"resnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
+        "vit": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32),
+        "dinov2": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)}
+
+
+def _hub(size: str, directory: str):
+  import tiny_models
+  from fusion import hub
+  from fusion import offline_hub
+  backbones = []
+  for i, entry in enumerate(offline_hub.default_config().models):
+    arch = entry["arch"]
+    sizes = {**offline_hub.ARCHS[arch][3], **entry["size"]}
+    if size == "tiny":
+      sizes = {**sizes, **TINY[arch]}
+    sizes = {k: v for k, v in sizes.items() if k != "image_size" or arch != "resnet"}
+    path = tiny_models.save_tiny(arch, os.path.join(directory, entry["name"]), seed=i,
+                                 **sizes)
+    backbones.append(hub.load({"name": entry["name"], "path": path}))
+  return backbones
+
+
+def _timed(fn, repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", choices=("hub", "tiny"), default="hub")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--capacity_factor", type=float, default=1.25)
+  args = parser.parse_args()
+
+  import jax
+  import numpy as np
+  from fusion import routing
+  from fusion import sharding
+  from fusion import train
+  from fusion.methods import pathway
+
+  with tempfile.TemporaryDirectory() as directory:
+    backbones = _hub(args.size, directory)
+  num_models, batch_size, num_classes = len(backbones), args.batch_size, 10
+  mesh = sharding.make_mesh(1)
+  rng = np.random.default_rng(0)
+  resolution = backbones[0].preprocess.resolution
+  batch = {"inputs": [rng.random((batch_size, resolution, resolution, 3), np.float32)],
+           "gate_input": rng.uniform(-1, 1, (batch_size, 8, 8, 3)).astype(np.float32),
+           "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+           "valid": np.ones(batch_size, bool)}
+  config = pathway.default_config()
+  generator = pathway._generator(config, num_models)
+  encoders = tuple(pathway._hub_encoder(b) for b in backbones)
+  times = {}
+  for k in (1, 2, num_models):
+    slots = routing.capacity(k, batch_size, num_models, args.capacity_factor)
+    loss_fn, predict = pathway._network(encoders, generator, k, slots, num_classes,
+                                        (1.0, 0.01, 0.01, 1.0))
+    params = pathway._init(generator, batch["gate_input"], [b.params for b in backbones],
+                           [b.feature_dim for b in backbones], num_classes, 0)
+    trainable = {"generator": True, "heads": True,
+                 "encoders": [{c: c == "params" for c in b.params} for b in backbones]}
+
+    def fit(steps, params=params, loss_fn=loss_fn, trainable=trainable):
+      state = train.train(loss_fn=loss_fn, params=params, batch_fn=lambda step: batch,
+                          config={"optimizer": "sgd", "learning_rate": 1e-3}, mesh=mesh,
+                          num_steps=steps, trainable=trainable, checkpoint=False,
+                          progress=False, log_every=max(steps, 1))
+      jax.block_until_ready(state.params)
+
+    fit(2)  # Compiles.
+    train_s = (_timed(lambda: fit(args.steps), args.repeats) / args.steps)
+    jitted = jax.jit(predict)
+    jax.block_until_ready(jitted(params, batch))
+    infer_s = _timed(lambda: jax.block_until_ready(jitted(params, batch)), args.repeats)
+    times[k] = (train_s, infer_s)
+    name = "dense" if k == num_models else f"k={k}"
+    print(f"pathway {name} (M={num_models}, batch {batch_size}, capacity {slots}): train step "
+          f"{1e3 * train_s:.1f} ms, inference {1e3 * infer_s:.1f} ms "
+          f"({batch_size / infer_s:.0f} images/s)")
+  dense = times[num_models]
+  for k in (1, 2):
+    goal = 1.3 * k / num_models
+    for what, i in (("train step", 0), ("inference", 1)):
+      ratio = times[k][i] / dense[i]
+      print(f"k={k} / dense {what}: {ratio:.3f} (goal <= 1.3 k / M = {goal:.3f}: "
+            f"{'met' if ratio <= goal else 'not met'})")
+
+
+if __name__ == "__main__":
+  main()
