@@ -20,7 +20,6 @@ from fusion import metrics
 from fusion import report
 from fusion import sharding
 from fusion import suite
-from fusion.methods import hub_baselines
 from fusion.methods import linear_probe
 from fusion.methods import moe
 
@@ -79,7 +78,7 @@ def task(ctx):
 def warm(ctx, task):
   """Every feature and thumbnail in the cache; each backbone's FLOPs counted (XLA
   traces the backbone for those), the label head's class names embedded."""
-  for split in moe.SPLITS:
+  for split in moe.SPLITS + ("test_shift",):
     for b in ctx.backbones:
       ctx.features(b, task, split)
     features_lib.extract_thumbnails(task, split, THUMB)

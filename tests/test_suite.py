@@ -82,7 +82,9 @@ def test_suite_rows_come_from_the_cached_predictions(first_run, home):
     # The row's metrics are those of the cached logits, through fusion.metrics.
     assert row["test_accuracy"] == metrics.accuracy(p.logits["test"], p.labels["test"])
     assert row["val_nll"] == pytest.approx(metrics.nll(p.logits["val200"], p.labels["val200"]))
-    assert len(p.labels["val200"]) == 200 and p.splits == ("val200", "test")
+    assert len(p.labels["val200"]) == 200 and p.splits == ("val200", "test", "test_shift")
+    assert row["shift_accuracy"] == metrics.accuracy(p.logits["test_shift"],
+                                                     p.labels["test_shift"])
     assert row["inference_gflops"] > 0 and row["train_seconds"] > 0
   probe = rows[0]
   assert probe["train_steps"] == 3 * 40 and probe["learning_rate"] in (1e-2, 1e-1)

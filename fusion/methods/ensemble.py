@@ -88,6 +88,10 @@ def average(results: Sequence[predictions.Result], weights: Sequence[float]
   """The (weighted) average of the members' probabilities, as log-probabilities."""
   weights = np.asarray(weights, np.float64) / np.sum(weights)
   first = results[0].predictions
+  for r in results:
+    if set(r.predictions.splits) != set(first.splits):
+      raise ValueError(f"Cannot average members with different splits: {r.members} has "
+                       f"{r.predictions.splits}, {results[0].members} {first.splits}.")
   logits = {}
   for split in first.splits:
     probs = sum(w * probabilities(r.predictions.logits[split])

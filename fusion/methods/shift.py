@@ -70,6 +70,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from fusion import experiment
 from fusion import hub
 from fusion import metrics
 from fusion import predictions
@@ -317,7 +318,7 @@ def member_side(ctx, task, backbone: hub.Backbone, train_split: str, plan: Plan,
 
 def _predict_only(ctx, task, backbone, params, run, ft_config, cache, key):
   logits, labels = {}, {}
-  for split in ("val200", "test"):
+  for split in ("val200",) + experiment.test_splits(task):
     x, labels[split] = ctx.images(task, split, backbone.preprocess)
     logits[split] = finetune.predict(backbone, params, x, ctx.mesh,
                                      int(ft_config.eval_batch_size))
@@ -333,9 +334,12 @@ def _combine(name: str, sides: Mapping[str, tuple[str, predictions.Result]]
              ) -> predictions.Result:
   """One member's Result: val200 from its train800 side, test from its train800val200 side."""
   (val_key, val), (final_key, final) = sides["val200"], sides["test"]
+  tests = [s for s in final.predictions.splits if s != "val200"]  # test, test_shift
   preds = predictions.Predictions(
-      {"val200": val.predictions.logits["val200"], "test": final.predictions.logits["test"]},
-      {"val200": val.predictions.labels["val200"], "test": final.predictions.labels["test"]})
+      {"val200": val.predictions.logits["val200"],
+       **{s: final.predictions.logits[s] for s in tests}},
+      {"val200": val.predictions.labels["val200"],
+       **{s: final.predictions.labels[s] for s in tests}})
   return predictions.Result(
       preds, members=(name,), inference_gflops=val.inference_gflops,
       train_steps=val.train_steps + final.train_steps,
