@@ -106,11 +106,27 @@ def check_top_k(k: int, num_models: int) -> None:
     raise ValueError(f"Top-k routing needs 1 <= k <= M = {num_models} models; got k={k}.")
 
 
-def top_k_gates(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """(gates [B, M]: softmax over each row's top k logits, 0 elsewhere; top-k indices [B, k])."""
+GATE_NORMALISATIONS = ("all", "top_k")
+
+
+def top_k_gates(logits: jax.Array, k: int, normalisation: str = "top_k"
+                ) -> tuple[jax.Array, jax.Array]:
+  """(gates [B, M], top-k indices [B, k]): each row's top k models keep a weight, 0 elsewhere.
+
+  "top_k" (Shazeer et al.): softmax over the k chosen logits. "all" (V-MoE):
+  the softmax over all M logits, kept at the k chosen. With k = 1, "top_k"
+  gives weight 1 whatever the logits, so the task loss sends the router no
+  gradient; "all" does.
+  """
   check_top_k(k, logits.shape[-1])
+  if normalisation not in GATE_NORMALISATIONS:
+    raise ValueError(f"Gate normalisation {normalisation!r} is not one of "
+                     f"{GATE_NORMALISATIONS}.")
   values, index = jax.lax.top_k(logits, k)
-  weights = jax.nn.softmax(values, axis=-1)
+  if normalisation == "top_k":
+    weights = jax.nn.softmax(values, axis=-1)
+  else:
+    weights = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), index, axis=-1)
   gates = jnp.sum(jax.nn.one_hot(index, logits.shape[-1], dtype=logits.dtype)
                   * weights[..., None], axis=-2)
   return gates, index

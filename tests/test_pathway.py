@@ -77,6 +77,10 @@ def test_top_k_gates_and_their_losses_match_numpy():
   importance = expected.sum(0)
   assert float(routing.importance_loss(gates)) == pytest.approx(
       importance.var() / importance.mean() ** 2, rel=1e-5)
+  # V-MoE's normalisation: the softmax over all M models, kept at the top k.
+  gates_all, _ = routing.top_k_gates(jnp.asarray(logits), 2, "all")
+  full = _softmax(logits)
+  np.testing.assert_allclose(gates_all, np.where(expected > 0, full, 0.0), rtol=1e-6)
   with pytest.raises(ValueError, match=r"1 <= k <= M = 5 models; got k=6"):
     routing.top_k_gates(jnp.asarray(logits), 6)
 

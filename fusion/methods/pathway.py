@@ -50,18 +50,22 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "k": 2,
       "capacity_factor": 1.25,
+      # "all": gate weights are the softmax over all M models, kept at the top k
+      # (V-MoE; the router learns from the task loss even at k = 1); "top_k":
+      # the softmax over the k chosen (Shazeer et al.).
+      "gate_normalisation": "all",
       "generator": "thumbnail",
       "thumbnail_size": 8,
       "generator_widths": (16, 32),
-      "learning_rates": (0.01,),
-      "steps": 150,
+      "learning_rates": (0.01, 0.05),
+      "steps": 100,
       "frozen_steps": 500,  # pathway_frozen: cheap steps on cached features.
       "batch_size": 64,
       "warmup_fraction": 0.1,
       "optimizer": {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine",
                     "weight_decay": 0.0, "grad_clip_norm": 1.0},
       "backbone_lr_multiplier": 1.0,
-      "loss_weights": {"task": 1.0, "importance": 0.01, "load": 0.01, "exploitation": 1.0},
+      "loss_weights": {"task": 1.0, "importance": 0.1, "load": 0.1, "exploitation": 1.0},
   })
 
 
@@ -70,6 +74,9 @@ def check_config(config, num_models: int, k: int) -> None:
     raise ValueError(f"Hub-Pathway routes between hub models and needs at least 2; got "
                      f"{num_models}.")
   routing.check_top_k(k, num_models)
+  if config.gate_normalisation not in routing.GATE_NORMALISATIONS:
+    raise ValueError(f"pathway.gate_normalisation={config.gate_normalisation!r} is not one "
+                     f"of {routing.GATE_NORMALISATIONS}.")
   routing.capacity(k, int(config.batch_size), num_models, float(config.capacity_factor))
   if not config.learning_rates:
     raise ValueError("pathway.learning_rates is empty; give at least one.")
@@ -82,7 +89,7 @@ def check_config(config, num_models: int, k: int) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_classes: int,
-             weights: tuple[float, float, float, float]):
+             weights: tuple[float, float, float, float], normalisation: str = "all"):
   """forward(params, batch, rng) -> (loss, aux): the pathway of one configuration.
 
   `encoders[m]` maps (params, inputs [C, ...]) -> features [C, D_m] (a hub
@@ -96,7 +103,7 @@ def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_clas
     out = generator.apply(params["generator"], batch["gate_input"])
     clean, raw = out[:, :num_models], out[:, num_models:]
     noisy, noise_std = routing.noisy_logits(clean, raw, rng)
-    gates, _ = routing.top_k_gates(noisy, k)
+    gates, _ = routing.top_k_gates(noisy, k, normalisation)
     dispatch, combine, dropped = routing.dispatch(gates, slots, batch["valid"])
     probs = (1.0 - combine.sum((1, 2)))[:, None] / num_classes  # Dropped weight: uniform.
     labels = jax.nn.one_hot(batch["label"], num_classes)
@@ -240,7 +247,7 @@ def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, 
   w = config.loss_weights
   loss_fn, predict = _network(encoders, generator, k, slots, task.num_classes,
                               (float(w.task), float(w.importance), float(w.load),
-                               float(w.exploitation)))
+                               float(w.exploitation)), config.gate_normalisation)
   params = _init(generator, gate_train, [{} if frozen else b.params for b in backbones],
                  dims, task.num_classes, seed)
   def batch_fn(step):
