@@ -1,8 +1,11 @@
 """Test-wide set-up: 8 simulated CPU devices, set before jax is imported."""
 import os
 
+# The simulated devices meet in collectives; on a loaded machine one can wait
+# past XLA's default 40 s rendezvous limit, which aborts the process.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -154,6 +154,6 @@ def run_unit(ctx: experiment.Context, name: str, task, members: Sequence[hub.Bac
     if not result.train_seconds:
       result = dataclasses.replace(result, train_seconds=round(time.time() - t0, 3))
     cache.save(key, inputs, result)
-    logging.info("%s on %s (%s): computed in %.1f s", name, task.name,
+    logging.debug("%s on %s (%s): computed in %.1f s", name, task.name,
                  "+".join(b.name for b in members), time.time() - t0)
   return key, result
