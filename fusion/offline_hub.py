@@ -4,7 +4,7 @@
 the procedural sources of `fusion.data.render`, saves each backbone with
 `save_pretrained` (Flax weights, config.json, preprocessor_config.json) and
 returns hub specs that `fusion.hub.load_hub` loads like any HF model. No
-network, no GPU: the default recipe builds in about 5 minutes on 2 CPU cores.
+network, no GPU: the default recipe (11 models) builds in about 6 to 9 minutes on 2 CPU cores.
 
 Layout, under `$FUSION_HOME/hub/<fingerprint of the recipe>/`:
 
@@ -106,7 +106,7 @@ def _model(name, arch, source, paradigm, seed, steps, **size) -> dict[str, Any]:
 
 
 def default_config(seed: int = 0) -> ml_collections.ConfigDict:
-  """The recipe of the embedded hub: 8 models, about 5 minutes on 2 CPU cores.
+  """The recipe of the embedded hub: 11 models, about 6 to 9 minutes on 2 CPU cores.
 
   `seed` shifts every model's seed (the seed twins stay one apart).
   """

@@ -152,7 +152,13 @@ def methods_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> 
   gflops = [np.mean([r["inference_gflops"] for r in picked if r["method"] == m])
             for m in columns]
   table += ("| *GFLOPs / image* | | " + " | ".join(f"{g:.4g}" for g in gflops) + " |\n")
-  ensembles = [r for r in picked if "members" in r]
+  # Ensembles that chose their members (a part of the hub, or repeats); not the
+  # methods that use every hub model.
+  hub_size = {t: max(len(set(r.get("members", ()))) for r in picked if r["task"] == t)
+              for t in {r["task"] for r in picked}}
+  ensembles = [r for r in picked if "members" in r and (
+      len(set(r["members"])) < hub_size[r["task"]] or
+      len(set(r["members"])) < len(r["members"]))]
   if ensembles:
     table += "\n| task | method | members (with repeats) |\n|---|---|---|\n"
     for r in ensembles:

@@ -19,7 +19,8 @@ Each variant is its own method (one row each), all sharing `config.ensemble`:
                   seed..seed+K-1: diversity from seeds at equal inference cost
                   (seeds after the first reuse the setting its sweep chose)
   greedy_all      the greedy ensemble over every hub model (the upper reference)
-Inference GFLOPs are the sum over distinct members.
+Inference GFLOPs are the sum over distinct members (distinct weights: a member
+the greedy selection repeats runs once; the seeds of `seed_ensemble` each run).
 """
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ from fusion import selection
 
 MEMBERS = "hub"
 USES = ("finetune",)
+VERSION = 2  # 2: GFLOPs count each distinct set of weights (seed ensembles).
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -105,10 +107,9 @@ def ensemble_result(results: Sequence[predictions.Result], counts: Sequence[int]
   """A Result averaging `results` with multiplicities `counts` (zeros left out)."""
   used = [(r, c) for r, c in zip(results, counts) if c > 0]
   members = tuple(m for r, c in used for m in r.members * c)
-  gflops = {m: r.inference_gflops for r, _ in used for m in r.members}
   return predictions.Result(
       average([r for r, _ in used], [c for _, c in used]), members=members,
-      inference_gflops=float(sum(gflops.values())),
+      inference_gflops=float(sum(r.inference_gflops for r, _ in used)),
       train_steps=sum(r.train_steps for r in results),
       train_examples=sum(r.train_examples for r in results), fields=fields)
 
