@@ -58,10 +58,6 @@ def check_config(config, num_models: int) -> None:
 # ------------------------------------------------------------------ pure parts
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-  return metrics.softmax(logits)
-
-
 def greedy_select(val_probs: Sequence[np.ndarray], labels: np.ndarray,
                   max_size: int) -> list[int]:
   """Caruana's greedy selection with replacement by validation NLL.
@@ -96,7 +92,7 @@ def average(results: Sequence[predictions.Result], weights: Sequence[float]
                        f"{r.predictions.splits}, {results[0].members} {first.splits}.")
   logits = {}
   for split in first.splits:
-    probs = sum(w * probabilities(r.predictions.logits[split])
+    probs = sum(w * metrics.softmax(r.predictions.logits[split])
                 for w, r in zip(weights, results))
     logits[split] = np.log(np.maximum(probs, 1e-30))
   return predictions.Predictions(logits, dict(first.labels))
@@ -145,7 +141,7 @@ def _top(ctx, task, members, config) -> tuple[list, list[str]]:
 def _greedy(ctx, task, backbones, config, order) -> predictions.Result:
   results = _finetunes(ctx, task, backbones)
   labels = results[0].predictions.labels["val200"]
-  chosen = greedy_select([probabilities(r.predictions.logits["val200"]) for r in results],
+  chosen = greedy_select([metrics.softmax(r.predictions.logits["val200"]) for r in results],
                          labels, int(config.max_size))
   counts = np.bincount(chosen, minlength=len(results))
   return ensemble_result(results, counts, {

@@ -201,8 +201,7 @@ def _inputs(ctx, task, backbones, split: str, frozen: bool, config):
 
 def _standardise(train_inputs, other_inputs, gate_train, gate_other, frozen, generator):
   """Feature inputs standardised with the training split's statistics."""
-  def fit(x):
-    return linear_probe.Standardizer.fit(x)
+  fit = linear_probe.Standardizer.fit
   if frozen:
     norms = [fit(x) for x in train_inputs]
     train_inputs = [n(x) for n, x in zip(norms, train_inputs)]
@@ -274,7 +273,7 @@ def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, 
   outputs = []
   for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals):
     outputs.append(_predict_all(jitted, params, inputs, gates_in, labels, batch_size))
-  return outputs, steps * batch_size
+  return outputs
 
 
 def _predict_all(jitted, params, inputs, gate_input, labels, batch_size):
@@ -309,8 +308,8 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
   steps = int(config.frozen_steps if frozen else config.steps)
   sweep, best = [], None
   for lr in config.learning_rates:
-    (val,), seen = _fit(ctx, task, backbones, config, k, frozen, float(lr), steps, seed,
-                        "train800", ("val200",))
+    val, = _fit(ctx, task, backbones, config, k, frozen, float(lr), steps, seed,
+                "train800", ("val200",))
     log_probs, _, _, labels = val
     score = (-metrics.accuracy(log_probs, labels), metrics.nll(log_probs, labels))
     sweep.append({"learning_rate": float(lr), "val_accuracy": -score[0]})
@@ -318,8 +317,8 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
       best = (score, float(lr), val)
   _, lr, val = best
   tests = experiment.test_splits(task)
-  outs, _ = _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed,
-                 "train800val200", tests)
+  outs = _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed,
+              "train800val200", tests)
   log_probs, routed, dropped, labels = outs[0]
   gflops = np.array([hub.inference_gflops(b) + linear_probe.head_gflops(
       b.feature_dim, task.num_classes) for b in backbones])
