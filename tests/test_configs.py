@@ -48,3 +48,10 @@ def test_loading_the_demo_config_does_not_import_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                        text=True, check=True).stdout
   assert out.strip() == "False"
+
+
+def test_demo_without_probes_has_no_ranking_evaluation():
+  config = demo.get_config("methods=nearest_centroid")
+  assert config.select is None
+  main.validate(config)  # Would fail if select stayed without its linear-probe ground truth.
+  assert demo.get_config().select is not None
