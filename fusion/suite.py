@@ -101,6 +101,8 @@ def run(config, workdir: str) -> str:
   check_config(config)
   names = method_names(config)
   ctx = experiment.Context.create(config, workdir)
+  for name in names:  # Checks that need the hub (e.g. K against its size): before any unit.
+    methods.check_hub(ctx, name)
   task_list = ctx.tasks()
   rows = run_units(ctx, names, task_list, workdir)
   sections = [("All methods: test accuracy (%)",

@@ -187,10 +187,12 @@ def test_the_ensemble_methods_use_the_cached_fine_tunes(suite_run):
 ])
 def test_bad_ensemble_configs_are_named(suite_run, tmp_path, overrides, message):
   specs = suite_run[0]
-  config = _suite_config(specs, ("ensemble",))
+  # The probes come first in plan order: the error must come before them.
+  config = _suite_config(specs, ("linear_probe", "ensemble"))
   config.ensemble.update(overrides)
   with pytest.raises(ValueError, match=message):
     main.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "rows.jsonl")
 
 
 def test_an_empty_sweep_grid_is_named(suite_run, tmp_path):

@@ -362,6 +362,9 @@ def test_bad_member_lists_and_options_are_named(run, monkeypatch, overrides, mes
   for fit in (shift.fit_predict, shift.fit_independent):
     with pytest.raises(ValueError, match=message):
       fit(ctx, task, ctx.backbones, config, 0)
+  for name in ("shift", "independent", "brief_only", "shift_only"):  # The suite's early check.
+    with pytest.raises(ValueError, match=message):
+      methods.get(name).check_hub(config, ctx.backbones)
 
 
 def test_a_member_whose_tree_differs_is_named(run):

@@ -44,6 +44,9 @@ class Method:
   version: int = 1  # Part of every unit's key: bump when results change meaning.
   config_key: str = ""  # The job config's key of its config; "": the name.
   uses: tuple[str, ...] = ()  # Methods whose configs its results depend on.
+  # check_hub(config, backbones): errors for a config that cannot run on this hub
+  # (K larger than the hub, members not in it), raised before any unit runs.
+  check_hub: Callable[..., None] | None = None
 
   def __post_init__(self):
     if self.members not in MEMBER_MODES:
@@ -57,7 +60,7 @@ class Method:
          config_key: str = "") -> "Method":
     return cls(name, fit_predict or module.fit_predict, module.default_config,
                module.MEMBERS, getattr(module, "VERSION", 1), config_key,
-               tuple(getattr(module, "USES", ())))
+               tuple(getattr(module, "USES", ())), getattr(module, "check_hub", None))
 
 
 METHODS: dict[str, Method] = {
@@ -104,6 +107,13 @@ def method_config(config, name: str) -> ml_collections.ConfigDict:
   method = get(name)
   own = config.get(method.config_key)
   return own if own is not None else method.default_config()
+
+
+def check_hub(ctx: experiment.Context, name: str) -> None:
+  """The method's own checks of its job config against the loaded hub."""
+  method = get(name)
+  if method.check_hub is not None:
+    method.check_hub(method_config(ctx.config, name), ctx.backbones)
 
 
 def member_groups(method: Method, backbones: Sequence[hub.Backbone]

@@ -55,6 +55,10 @@ def check_config(config, num_models: int) -> None:
     raise ValueError(f"ensemble.max_size={config.max_size} must be >= 1.")
 
 
+def check_hub(config, backbones) -> None:
+  check_config(config, len(backbones))
+
+
 # ------------------------------------------------------------------ pure parts
 
 

@@ -261,6 +261,10 @@ def resolve_members(members: Sequence[hub.Backbone], config) -> list[hub.Backbon
   return chosen
 
 
+def check_hub(config, backbones) -> None:
+  resolve_members(backbones, config)
+
+
 def _cache(ctx) -> predictions.Cache:
   return predictions.Cache(ctx.config.get("predictions_dir") or None)
 
