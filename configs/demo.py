@@ -45,6 +45,7 @@ def get_config(arg=None):
   config_lib.select(arg.tasks, dict.fromkeys(TASKS), "tasks")  # Unknown names fail here.
   config = ml_collections.ConfigDict()
   config.job = "suite"  # "linear_probe" and "select" run those parts alone.
+  config.dry_run = False  # True: print the plan (units, estimated FLOPs) and stop.
   config.seed = arg.seed
   config.tasks = arg.tasks
   config.methods = arg.methods + (("finetune", "greedy_all") if arg.full else ())

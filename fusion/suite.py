@@ -99,6 +99,9 @@ def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
 def run(config, workdir: str) -> str:
   """The suite job: rows.jsonl, results.json, results.md and plots/ under `workdir`."""
   check_config(config)
+  if config.get("dry_run"):  # The plan of units and their FLOPs; nothing loads or runs.
+    from fusion import plan
+    return plan.run(config, workdir)
   names = method_names(config)
   ctx = experiment.Context.create(config, workdir)
   for name in names:  # Checks that need the hub (e.g. K against its size): before any unit.
