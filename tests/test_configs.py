@@ -55,3 +55,24 @@ def test_demo_without_probes_has_no_ranking_evaluation():
   assert config.select is None
   main.validate(config)  # Would fail if select stayed without its linear-probe ground truth.
   assert demo.get_config().select is not None
+
+
+def test_vtab1k_args_pick_methods_tasks_and_models():
+  config = vtab1k.get_config()
+  assert config.dry_run is False and demo.get_config().dry_run is False
+  assert set(config.methods) <= set(methods.METHODS)
+  assert {spec["name"] for spec in config.hub} == set(config.model_gflops)
+  assert [spec["path"] for spec in config.hub] == [  # One of each architecture.
+      "google/vit-base-patch16-224", "microsoft/beit-base-patch16-224-pt22k-ft22k",
+      "openai/clip-vit-base-patch16", "facebook/dinov2-base", "microsoft/resnet-50",
+      "facebook/regnet-y-040"]
+  assert tuple(config.finetune.learning_rates) == (0.001, 0.01, 0.1)
+  assert tuple(config.finetune.steps) == (2500,) and config.finetune.batch_size == 512
+  small = vtab1k.get_config("tasks=dtd+svhn,models=resnet50,methods=finetune+ensemble")
+  assert tuple(small.tasks) == ("dtd", "svhn") and tuple(small.methods) == (
+      "finetune", "ensemble")
+  assert [s["path"] for s in small.hub] == ["microsoft/resnet-50"] and small.select is None
+  for bad, match in (("methods=finetune+shuffle", "shuffle"), ("tasks=dtd+mnist", "mnist"),
+                     ("models=resnet50+gpt2", "gpt2")):
+    with pytest.raises(ValueError, match=match):
+      vtab1k.get_config(bad)
