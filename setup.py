@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "hypothesis>=6.100"],
+    # nbclient, nbformat, ipykernel: the tests execute colabs/quickstart.ipynb headless.
+    "test": ["pytest>=8", "hypothesis>=6.100", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
+             "ipykernel>=6.29,<8"],
     "bench": ["psutil>=5.9"],
 }
 
