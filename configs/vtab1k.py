@@ -80,16 +80,23 @@ BATCH_SIZE = 512  # Global over the mesh: fewer devices may need a smaller batch
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, tasks=TASKS, models=DEFAULT_MODELS, methods=METHODS,
-                             seed=0)
+  # methods: every one of METHODS that fits the hub (routing needs 2 models or more).
+  arg = config_lib.parse_arg(arg, tasks=TASKS, models=DEFAULT_MODELS, methods=(), seed=0)
   config_lib.select(arg.tasks, dict.fromkeys(TASKS), "tasks")  # Unknown names fail here.
   config_lib.select(arg.methods, dict.fromkeys(METHODS), "methods")
+  methods = arg.methods or tuple(
+      m for m in METHODS if len(arg.models) > 1 or m not in ROUTING_METHODS)
+  routing = [m for m in methods if m in ROUTING_METHODS]
+  if routing and len(arg.models) < 2:  # Found here, not hours into a run.
+    raise ValueError(f"Methods {routing} route between hub models and need at least 2; "
+                     f"models={'+'.join(arg.models)}. Name more models or leave those "
+                     "methods out (methods=...).")
   config = ml_collections.ConfigDict()
   config.job = "suite"  # "linear_probe" and "select" run those parts alone.
   config.dry_run = False  # True: print the plan (units, estimated FLOPs) and stop.
   config.seed = arg.seed
   config.tasks = arg.tasks
-  config.methods = arg.methods
+  config.methods = methods
   config.hub = [{"name": n, "path": p}
                 for n, p in zip(arg.models, config_lib.select(arg.models, HUB, "models"))]
   config.model_gflops = {n: GFLOPS[n] for n in arg.models}
@@ -101,6 +108,7 @@ def get_config(arg=None):
   for name in ("nearest_centroid", "finetune", "ensemble", "best_probe", "concat",
                "uniform_probe_avg", "moe", "moe_no_label", "feature_gate", "pathway"):
     config[name] = methods_lib.get(name).default_config()
+  config.ensemble.top_k = min(config.ensemble.top_k, len(arg.models))  # Small hubs too.
   config.best_probe.probe = config.linear_probe  # Reuses the linear_probe units.
   config.uniform_probe_avg.probe = config.linear_probe
   config.finetune.learning_rates = LEARNING_RATES
@@ -116,6 +124,6 @@ def get_config(arg=None):
   for name in ("moe", "moe_no_label", "pathway"):
     config[name].thumbnail_size = 32
   # The ranking evaluation needs the linear probes as ground truth.
-  config.select = (select_job.default_config() if "linear_probe" in config.methods
+  config.select = (select_job.default_config() if "linear_probe" in methods
                    else None)
   return config

@@ -72,6 +72,12 @@ def test_vtab1k_args_pick_methods_tasks_and_models():
   assert tuple(small.tasks) == ("dtd", "svhn") and tuple(small.methods) == (
       "finetune", "ensemble")
   assert [s["path"] for s in small.hub] == ["microsoft/resnet-50"] and small.select is None
+  assert small.ensemble.top_k == 1 and config.ensemble.top_k == 3
+  with pytest.raises(ValueError, match="pathway.*at least 2"):
+    vtab1k.get_config("models=resnet50,methods=finetune+pathway")
+  one = vtab1k.get_config("models=resnet50")  # Every method that fits one model.
+  assert set(one.methods) == set(vtab1k.METHODS) - set(vtab1k.ROUTING_METHODS)
+  assert tuple(config.methods) == vtab1k.METHODS
   for bad, match in (("methods=finetune+shuffle", "shuffle"), ("tasks=dtd+mnist", "mnist"),
                      ("models=resnet50+gpt2", "gpt2")):
     with pytest.raises(ValueError, match=match):
