@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,18 +91,8 @@ class Estimate:
   forward_flops: float
   estimated: bool = True  # False: a method the plan has no cost model for.
 
-  @property
-  def total_flops(self) -> float:
-    return self.train_flops + self.forward_flops
-
 
 # ------------------------------------------------------------------ units
-
-
-def method_names(config) -> tuple[str, ...]:
-  if config.get("job") == "linear_probe":
-    return ("linear_probe",)
-  return tuple(config.get("methods") or ())
 
 
 def model_names(config) -> list[str]:
@@ -116,17 +107,12 @@ def model_names(config) -> list[str]:
 def units(config) -> list[Unit]:
   """Every (method, task, members) unit of the suite, in `suite.run_units`' order."""
   from fusion import methods
+  from fusion import suite  # It imports this module only inside `run`: no cycle.
   names = model_names(config)
-  method_tasks = config.get("method_tasks") or {}
-  out = []
-  for task in config.tasks:
-    for name in method_names(config):
-      subset = method_tasks.get(name)
-      if subset is not None and task not in subset:
-        continue
-      for members in methods.member_groups(methods.get(name), names):
-        out.append(Unit(name, task, tuple(members)))
-  return out
+  return [Unit(name, task, tuple(members))
+          for task in config.tasks for name in suite.method_names(config)
+          if suite.runs_on(config, name, types.SimpleNamespace(name=task))
+          for members in methods.member_groups(methods.get(name), names)]
 
 
 # ------------------------------------------------------------------ cost models
@@ -183,7 +169,7 @@ def _ensemble_config(c: _Costs):
   return c.method_config("ensemble", ensemble.default_config)
 
 
-def _per_model_features(c, members):
+def _per_model_features(c, members):  # Every member's features on every split.
   return [w for m in members for w in c.features(m)], sum(c.gflops[m] for m in members), False
 
 
@@ -286,20 +272,16 @@ def _shift(kind: str):
   return cost
 
 
-def _uniform(c, members):  # Every member's own probe or features.
-  return _per_model_features(c, members)
-
-
 # Method name -> cost(costs, members) -> (work, inference GFLOPs per image, upper bound).
 COST_MODELS: dict[str, Callable] = {
     "linear_probe": _per_model_features,
     "nearest_centroid": _per_model_features,
     "best_probe": _probe_choice,
-    "concat": _uniform,
-    "uniform_probe_avg": _uniform,
-    "moe": _uniform,
-    "moe_no_label": _uniform,
-    "feature_gate": _uniform,
+    "concat": _per_model_features,
+    "uniform_probe_avg": _per_model_features,
+    "moe": _per_model_features,
+    "moe_no_label": _per_model_features,
+    "feature_gate": _per_model_features,
     "finetune": _finetune,
     "ensemble": lambda c, m: _ranked(c, m, lambda k: k, sum),
     "finetune_best": lambda c, m: _ranked(c, m, lambda k: k, max),
@@ -366,14 +348,13 @@ def offline_gflops(entry: Mapping[str, Any]) -> float:
   import jax.numpy as jnp
   from fusion import offline_hub
   size_json = json.dumps(entry["size"], sort_keys=True)
-  model, template = offline_hub._architecture(entry["arch"], size_json)  # pylint: disable=protected-access
+  _, template = offline_hub._architecture(entry["arch"], size_json)  # pylint: disable=protected-access
   shapes = jax.eval_shape(offline_hub._init_fn(entry["arch"], size_json),  # pylint: disable=protected-access
                           jax.ShapeDtypeStruct((2,), jnp.uint32))
   variables = dict(shapes) if "batch_stats" in shapes else {"params": shapes}
   r = template.preprocess.resolution
   lowered = jax.jit(template.features).lower(
       variables, jax.ShapeDtypeStruct((1, r, r, 3), jnp.float32))
-  del model
   return float((lowered.cost_analysis() or {}).get("flops", 0.0)) / 1e9
 
 
