@@ -46,6 +46,7 @@ def get_config(arg=None):
   config.batch_size = 128  # Feature extraction, global over the mesh.
   config.num_devices = 0  # 0: every local device.
   config.cache_dir = ""  # "": $FUSION_HOME/features.
+  config.data_dir = ""  # TFDS data ("": $TFDS_DATA_DIR, else ~/tensorflow_datasets).
   config.linear_probe = config_lib.probe_config()
   config.select = select_job.default_config()
   return config
