@@ -14,6 +14,7 @@ import numpy as np
 
 from fusion import io
 from fusion import metrics
+from fusion import provenance
 
 REQUIRED_FIELDS = ("task", "category", "method", "test_accuracy", "test_nll",
                    "test_ece", "inference_gflops")
@@ -181,7 +182,7 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   `sections_first`, before them.
   """
   check_rows(rows)
-  payload = {"rows": list(rows), **(extra or {})}
+  payload = {"rows": list(rows), **(extra or {}), **provenance.results_fields()}
   io.write_json(os.path.join(workdir, "results.json"), payload)
   methods = list(dict.fromkeys(r["method"] for r in rows))
   if table_methods is not None:

@@ -569,7 +569,7 @@ def run(config, workdir: str) -> str:
   """The select job; writes rankings.json, results.json, results.md and plots/."""
   check_config(config)
   cfg = config.select
-  task_list = experiment.load_tasks(config.tasks)
+  task_list = experiment.load_tasks(config.tasks, config.get("data_dir"))
   gt_rows, source = None, "none (rankings only)"
   if cfg.ground_truth not in GROUND_TRUTHS:  # read it before the expensive part
     gt_rows = _rows_from_file(cfg.ground_truth, cfg.ground_truth_method)
@@ -580,7 +580,8 @@ def run(config, workdir: str) -> str:
     for task in task_list:
       for backbone in ctx.backbones:
         key, result = methods.run_unit(ctx, "linear_probe", task, [backbone])
-        rows.append(report.row(task, "linear_probe", result, unit=key))
+        rows.append({**report.row(task, "linear_probe", result, unit=key),
+                     **experiment.preprocess_fields([backbone])})
     gt_rows = list(rows)
     report.plot_heatmap(gt_rows, os.path.join(workdir, "plots", "linear_probe.png"),
                         method="linear_probe", title="Linear probe test accuracy (%)")
