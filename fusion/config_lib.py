@@ -82,7 +82,7 @@ def _unknown_arg(key: str, sep: str, previous, defaults: Mapping[str, Any]) -> s
   message = f"Unknown config argument {key!r}; valid: {sorted(defaults)}."
   if key == ADD_MODELS[:-1]:
     return (f"{message} `{ADD_MODELS}` adds models through `python -m fusion.main`; "
-            "in Python, add specs to config.hub.")
+            "in Python, call fusion.config_lib.add_models(config, paths).")
   if not sep and previous is not None and isinstance(defaults[previous[0]], tuple):
     # `tasks=digits,mixed`: ',' separates arguments, '+' joins names.
     return (f"{message} ',' separates arguments and '+' joins the names of one: did you "

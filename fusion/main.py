@@ -86,18 +86,23 @@ def run(config, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   io.write_atomic(os.path.join(workdir, "config.json"),
                   config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
-  with provenance.run(config) as current, _log_to(os.path.join(workdir, LOG_FILE)):
-    logging.info("Run %s: job %r into %s", current.run_id, config.job, workdir)
-    return module.run(config, workdir)
+  with provenance.run(config) as current:
+    header = f"Run {current.run_id}: job {config.job!r} into {workdir}"
+    logging.info(header)
+    with _log_to(os.path.join(workdir, LOG_FILE), header):
+      return module.run(config, workdir)
 
 
 @contextlib.contextmanager
-def _log_to(path: str):
-  """Also writes the log records (as filtered on the console) to `path`."""
+def _log_to(path: str, header: str):
+  """Appends `header`, then the log records (as filtered on the console), to `path`."""
   handler = std_logging.FileHandler(path)
   handler.setFormatter(std_logging.Formatter(
       "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
   handler.addFilter(_QuietLibraries())
+  # Whatever the loggers' levels (a job run from Python logs no INFO): the run's id.
+  handler.handle(std_logging.LogRecord("fusion", std_logging.INFO, __file__, 0, header,
+                                       None, None))
   root = std_logging.getLogger()
   root.addHandler(handler)
   try:
