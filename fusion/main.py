@@ -5,6 +5,7 @@ Parses flags, writes the resolved config to the workdir and runs `config.job`.
 wrong type are flag errors that name them. `--help` lists the jobs, the configs
 and their arguments; `--print_config` prints a config's keys and values.
 """
+import ast
 import contextlib
 import glob
 import importlib
@@ -122,13 +123,14 @@ def _error_line(text: str) -> str:
   return lines[-1] if lines else str(text)
 
 
-def _config_flag(argv: list[str]) -> tuple[int, str] | None:
-  """(index in argv, value) of the --config flag's value; None without one."""
+def _config_flag(argv: list[str]) -> tuple[int, str, str] | None:
+  """(index in argv, prefix, value) of the --config flag's value: `--config X`
+  gives prefix "", `--config=X` "--config="; None without one."""
   for i, arg in enumerate(argv):
     if arg == "--config" and i + 1 < len(argv):
-      return i + 1, argv[i + 1]
+      return i + 1, "", argv[i + 1]
     if arg.startswith("--config="):
-      return i, arg.split("=", 1)[1]
+      return i, "--config=", arg.split("=", 1)[1]
   return None
 
 
@@ -172,7 +174,7 @@ def usage() -> str:
             "key2=a+b: ',' separates arguments, '+' joins the names within one; a "
             "true/false argument may be given alone, e.g. :full):"]
   for path in configs:
-    doc = (_load_config_module_doc(path) or "").strip().splitlines()
+    doc = (_docstring(path) or "").strip().splitlines()
     lines.append(f"  {path}  {doc[0] if doc else ''}")
     lines += [f"      {line}" for line in config_arguments(path).splitlines()]
   lines += [
@@ -192,15 +194,15 @@ def usage() -> str:
   return "\n".join(lines)
 
 
-def _load_config_module_doc(path: str) -> str | None:
-  import ast
+def _docstring(path: str) -> str | None:
+  """A config file's docstring, read without running it."""
   with open(path) as f:
     return ast.get_docstring(ast.parse(f.read()))
 
 
 def _wants_help(argv: list[str]) -> bool:
   args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-  return any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in args)
+  return any(a in ("-h", "--help", "--helpshort", "-?") for a in args)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -217,26 +219,25 @@ def parse_flags(argv: list[str]) -> list[str]:
   found = _config_flag(argv)
   path, added = "configs/<name>.py", ()
   if found is not None:
-    i, value = found
+    i, prefix, value = found
     path, _, arg = value.partition(":")
     _check_config_file(path)
     try:
       arg, added = config_lib.split_added_models(arg)
     except ValueError as e:
       sys.exit(f"error: {e}")
-    value = path + (f":{arg}" if arg else "")
-    argv = argv[:i] + [value if argv[i] != f"--config={found[1]}" else f"--config={value}"
-                       ] + argv[i + 1:]
+    argv = [*argv[:i], prefix + path + (f":{arg}" if arg else ""), *argv[i + 1:]]
   try:
     rest = flags.FLAGS(argv)
   except config_lib.ArgumentsHelp as e:
-    print(f"Arguments of {found[1].partition(':')[0]} (key=value, ',' between arguments, "
-          f"'+' between names), with their defaults:\n{e}")
+    print(f"Arguments of {path} (key=value, ',' between arguments, '+' between names), "
+          f"with their defaults:\n{e}")
     sys.exit(0)
   except (AttributeError, KeyError) as e:
     overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     sys.exit(f"error: unknown config key in {overrides} ({e}). Overrides must name "
-             "keys the config file defines; --print_config lists them.")
+             "keys the config file defines (--print_config lists them); models are added "
+             f"with {path}:{config_lib.ADD_MODELS}PATH.")
   except flags.Error as e:
     sys.exit(f"error: {_error_line(e)}")
   except ValueError as e:  # An override path ml_collections cannot parse.
@@ -274,7 +275,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if _PRINT_CONFIG.value:
-    print(f"# {_config_flag(sys.argv)[1]}: override any key with --config.key=value\n"
+    print(f"# {_config_flag(sys.argv)[2]}: override any key with --config.key=value\n"
           f"{config}")
     return
   if logging.get_verbosity() <= logging.INFO:  # `-v 1` or more shows them again.
