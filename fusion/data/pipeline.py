@@ -72,10 +72,11 @@ def unavailable_message(task: Task, builder: tfds.core.DatasetBuilder,
          f"{task.tfds_name.split(':')[0]} --data_dir DIR`) and rerun with "
          f"--config.data_dir=DIR or TFDS_DATA_DIR=DIR")
   cause = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+  offline = ", ".join(map(repr, tasks_lib.OFFLINE_TASKS))
   return (f"Task {task.name!r} needs the TFDS dataset {task.tfds_name!r}, not prepared in "
           f"{builder.data_dir} and not downloadable here ({cause}). Either {how}; or use "
-          f"the offline tasks generated here ({', '.join(map(repr, tasks_lib.OFFLINE_TASKS))}) or a "
-          "folder of your images (tasks=/path/to/folder).")
+          f"the offline tasks generated here ({offline}) or a folder of your images "
+          "(tasks=/path/to/folder).")
 
 
 def _check_source_sizes(task: Task, builder: tfds.core.DatasetBuilder) -> None:
