@@ -178,7 +178,6 @@ def test_print_config_and_arguments_of_a_config():
     (["--config", "configs/demo.py:tasks=digits,mixed"], r"did you mean tasks=digits\+mixed"),
     (["--config", "configs/demo.py", "--config.hub.0.path=x"],
      r"Overrides name keys with dots.*configs/demo.py:models\+=PATH"),
-    (["--config", "configs/demo.py:models+="], "names no model"),
     (["--config", "configs/demo.py:tasks=./no_such_folder"], "'.*no_such_folder' does not "
      "exist"),
 ])
