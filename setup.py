@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "tensorflow-cpu>=2.18,<2.22",  # only fusion/data/ imports it (tf.data, TFDS).
     "tensorflow-datasets>=4.9.8,<5",
+    # TFDS's download_and_prepare of builders outside its own package (the
+    # VTAB datasets' too) imports it and does not declare it.
+    "importlib_resources>=6",
     "transformers>=4.57,<5",  # version 5 removed every Flax model.
     "huggingface-hub>=0.34,<1.0",
     "safetensors>=0.4",

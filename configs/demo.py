@@ -42,7 +42,7 @@ METHODS = FEATURE_METHODS + FINETUNE_METHODS
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, tasks=TASKS, methods=METHODS, seed=0, full=False)
-  config_lib.select(arg.tasks, dict.fromkeys(TASKS), "tasks")  # Unknown names fail here.
+  config_lib.check_tasks(arg.tasks, TASKS)  # Unknown names fail here; folders pass.
   config = ml_collections.ConfigDict()
   config.job = "suite"  # "linear_probe" and "select" run those parts alone.
   config.dry_run = False  # True: print the plan (units, estimated FLOPs) and stop.

@@ -104,6 +104,7 @@ def get_config(arg=None):
   config.num_devices = 0  # 0: every local device.
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
+  config.data_dir = ""  # TFDS data ("": $TFDS_DATA_DIR, else ~/tensorflow_datasets).
   config.linear_probe = config_lib.probe_config()
   for name in ("nearest_centroid", "finetune", "ensemble", "best_probe", "concat",
                "uniform_probe_avg", "moe", "moe_no_label", "feature_gate", "pathway"):

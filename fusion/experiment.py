@@ -14,6 +14,7 @@ import numpy as np
 
 from fusion import features as features_lib
 from fusion import hub
+from fusion import provenance
 from fusion import sharding
 
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -44,12 +45,25 @@ def load_hub(config) -> list[hub.Backbone]:
   return hub.load_hub(specs)
 
 
-def load_tasks(names: Sequence[str]) -> list:
-  """Tasks by registry name; unknown names are an error that lists the valid ones."""
+def load_tasks(names: Sequence[str], data_dir: str | None = None) -> list:
+  """Tasks by registry name or image-folder path; unknown names are an error that
+  lists the valid ones. `data_dir` (config.data_dir): where TFDS keeps the data
+  of tasks that are not generated here (default: $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets)."""
   from fusion.data import tasks as tasks_lib  # TF/TFDS only where data is read.
   if not names:
     raise ValueError("config.tasks is empty; name at least one task.")
-  return [tasks_lib.get(name) for name in names]
+  return [tasks_lib.with_data_dir(tasks_lib.get(name), data_dir or None) for name in names]
+
+
+def preprocess_fields(members: Sequence[hub.Backbone]) -> dict:
+  """A one-model row's `preprocess`: the resolution, mean and std its images got
+  (from the model's preprocessor_config.json, else its architecture's default)."""
+  if len(members) != 1 or members[0].preprocess is None:
+    return {}
+  pre = members[0].preprocess
+  return {"preprocess": {"resolution": pre.resolution, "mean": list(pre.mean),
+                         "std": list(pre.std)}}
 
 
 @dataclasses.dataclass
@@ -64,7 +78,9 @@ class Context:
   @classmethod
   def create(cls, config, workdir: str | None, backbones=None) -> "Context":
     mesh = sharding.make_mesh(config.get("num_devices") or None)
-    return cls(config, workdir, load_hub(config) if backbones is None else backbones, mesh)
+    backbones = load_hub(config) if backbones is None else backbones
+    provenance.note_hub(backbones)  # Its fingerprints go into results.json.
+    return cls(config, workdir, backbones, mesh)
 
   def backbone(self, name: str) -> hub.Backbone:
     for b in self.backbones:
@@ -81,7 +97,7 @@ class Context:
     return int(self.config.get("seed", 0))
 
   def tasks(self) -> list:
-    return load_tasks(self.config.tasks)
+    return load_tasks(self.config.tasks, self.config.get("data_dir"))
 
   def features(self, backbone: hub.Backbone, task, split: str) -> features_lib.FeatureSet:
     """Cached features of one split, with the job's batch size and cache."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from fusion import io
 from fusion import metrics
+from fusion import provenance
 
 REQUIRED_FIELDS = ("task", "category", "method", "test_accuracy", "test_nll",
                    "test_ece", "inference_gflops")
@@ -181,7 +182,7 @@ def write_results(workdir: str, rows: Sequence[Mapping[str, Any]],
   `sections_first`, before them.
   """
   check_rows(rows)
-  payload = {"rows": list(rows), **(extra or {})}
+  payload = {"rows": list(rows), **(extra or {}), **provenance.results_fields()}
   io.write_json(os.path.join(workdir, "results.json"), payload)
   methods = list(dict.fromkeys(r["method"] for r in rows))
   if table_methods is not None:
@@ -208,8 +209,9 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | Non
   for r in rows:
     grid[tasks.index(r["task"]), columns.index(column_name(r))] = 100 * float(r[value])
   # A Figure of its own, not pyplot: the caller's backend (inline plots in a
-  # notebook) stays as it is.
-  fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(tasks)))
+  # notebook) stays as it is. Room for the labels, so one task is not cropped.
+  fig = Figure(figsize=(2.2 + 0.9 * len(columns) + label_room(tasks),
+                        1.4 + 0.45 * len(tasks) + label_room(columns)))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   im = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -218,12 +220,23 @@ def plot_heatmap(rows: Sequence[Mapping[str, Any]], path: str, method: str | Non
   for (i, j), v in np.ndenumerate(grid):
     if not np.isnan(v):
       ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-              color="white" if v < np.nanmean(grid) else "black")
+              color=text_color(im, v))
   fig.colorbar(im, ax=ax, label=f"{value} (%)")
   ax.set_title(title or (method or value))
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
+
+
+def label_room(labels: Sequence[str], inches_per_char: float = 0.07) -> float:
+  """Inches that the longest tick label takes (45-degree labels about as much)."""
+  return inches_per_char * max((len(str(label)) for label in labels), default=0)
+
+
+def text_color(image, value: float) -> str:
+  """Black or white, whichever reads on the cell's colour in `image`'s colormap."""
+  r, g, b, _ = image.cmap(image.norm(value))
+  return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
 
 
 def _figure(width: float, height: float):
@@ -240,11 +253,10 @@ def _annotated(ax, grid: np.ndarray, rows: Sequence[str], columns: Sequence[str]
   im = ax.imshow(grid, aspect="auto", **imshow)
   ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
   ax.set_yticks(range(len(rows)), rows, fontsize=7)
-  middle = np.nanmean(grid) if np.isfinite(grid).any() else 0.0
   for (i, j), v in np.ndenumerate(grid):
     if np.isfinite(v):
       ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=6,
-              color="white" if v < middle else "black")
+              color=text_color(im, v))
   return im
 
 

@@ -88,7 +88,7 @@ def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
       rows.append(done[key])
       continue
     _, result = methods.run_unit(ctx, name, task, members)
-    row = report.row(task, name, result, unit=key)
+    row = {**report.row(task, name, result, unit=key), **experiment.preprocess_fields(members)}
     with open(os.path.join(workdir, ROWS), "a") as f:
       f.write(json.dumps(row, default=io.json_default) + "\n")
     rows.append(row)

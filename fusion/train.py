@@ -46,12 +46,14 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm_auto
 
+from fusion import provenance
 from fusion import sharding
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 # Logged by the trainer itself; `loss_fn` metrics may not reuse these names.
-RESERVED_METRICS = ("step", "run", "loss", "learning_rate", "grad_norm", "wall_time")
+RESERVED_METRICS = ("step", "run", "run_id", "loss", "learning_rate", "grad_norm",
+                    "wall_time")
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -605,11 +607,14 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
   if main_process and (workdir or os.path.isabs(metrics_file)):
     metrics_path = os.path.join(workdir or "", metrics_file)
     os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-  tag = {"run": run_name} if run_name else {}
+  # Which run wrote a line: reruns into one workdir append to the same file.
+  run_id = provenance.run_id()
+  tag = {**({"run_id": run_id} if run_id else {}), **({"run": run_name} if run_name else {})}
   # Else TQDM_DISABLE decides.
   bar_kwargs = {} if main_process and progress else {"disable": True}
+  # leave=False: a finished run's bar goes, under the caller's (the suite's) one.
   bar = tqdm_auto.tqdm(total=num_steps, initial=start, desc=run_name or "train",
-                       unit="step", **bar_kwargs)
+                       unit="step", leave=False, **bar_kwargs)
   t0 = time.time()
   pending: list[dict[str, jax.Array]] = []  # On device, not yet checked.
   to_log: list[dict[str, np.ndarray]] = []  # Checked, not yet logged.

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from configs import build_hub, demo, vtab1k
+from fusion import config_lib
 from fusion import main
 from fusion import methods
 from fusion import suite
@@ -82,3 +83,33 @@ def test_vtab1k_args_pick_methods_tasks_and_models():
                      ("models=resnet50+gpt2", "gpt2")):
     with pytest.raises(ValueError, match=match):
       vtab1k.get_config(bad)
+
+
+def test_config_argument_errors_show_the_right_form():
+  with pytest.raises(ValueError, match=r"did you mean tasks=digits\+mixed\?"):
+    demo.get_config("tasks=digits,mixed")
+  with pytest.raises(ValueError, match=r"seed='x' is not a int, e.g. seed=0"):
+    demo.get_config("seed=x")
+  with pytest.raises(ValueError, match=r"`models\+=` adds models through.*add_models"):
+    demo.get_config("models+=/a")
+  with pytest.raises(config_lib.ArgumentsHelp) as info:
+    demo.get_config(config_lib.HELP)
+  assert str(info.value).splitlines() == [
+      "tasks=" + "+".join(demo.TASKS), "methods=" + "+".join(demo.METHODS), "seed=0",
+      "full=false"]
+
+
+def test_models_added_to_any_config_join_its_hub():
+  arg, added = config_lib.split_added_models("tasks=digits,models+=/m/a+org/b,seed=1")
+  assert arg == "tasks=digits,seed=1" and added == ("/m/a", "org/b")
+  assert config_lib.split_added_models("models+=x") == (None, ("x",))
+  with pytest.raises(ValueError, match="names no model"):
+    config_lib.split_added_models("models+=")
+  config = vtab1k.get_config("models=dinov2_s")
+  config_lib.add_models(config, added)  # Locked configs too: main's are.
+  assert [(s["name"], s["path"]) for s in config.hub] == [
+      ("dinov2_s", "facebook/dinov2-small"), ("a", "/m/a"), ("b", "org/b")]
+  config = demo.get_config()
+  config.lock()
+  config_lib.add_models(config, ("/m/a",))
+  assert [s["name"] for s in config.hub] == ["a"] and config.offline_hub is not None

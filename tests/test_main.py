@@ -142,3 +142,110 @@ def test_orbax_info_records_are_dropped_not_warnings():
   assert not quiet.filter(record(orbax, logging.INFO))
   assert quiet.filter(record(orbax, logging.WARNING))
   assert quiet.filter(record("/work/fusion/train.py", logging.INFO))
+
+
+def test_hub_and_offline_hub_together_mean_both(monkeypatch):
+  from fusion import hub
+  from fusion import offline_hub
+  monkeypatch.setattr(offline_hub, "build", lambda config: [{"name": "off", "path": "/o"}])
+  monkeypatch.setattr(hub, "load_hub", lambda specs: list(specs))
+  config = ml_collections.ConfigDict({"hub": [{"name": "mine", "path": "/m"}],
+                                      "offline_hub": {"seed": 0}})
+  assert [s["name"] for s in experiment.load_hub(config)] == ["mine", "off"]
+
+
+def test_help_lists_jobs_configs_and_their_arguments():
+  result = _cli("--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout
+  for part in (*main.JOBS, "configs/demo.py", "configs/vtab1k.py", "configs/build_hub.py",
+               "tasks=digits+house_numbers+", "models=vit_b16_in21k+", "full=false",
+               "models+=", "--print_config", "--workdir", "-v 1"):
+    assert part in out, part
+
+
+def test_print_config_and_arguments_of_a_config():
+  result = _cli("--config", "configs/demo.py:tasks=digits,models+=/m/a+org/b",
+                "--config.seed=3", "--print_config")
+  assert result.returncode == 0, result.stderr[-2000:]
+  for part in ("name: a", "path: /m/a", "name: b", "path: org/b", "seed: 3", "offline_hub:"):
+    assert part in result.stdout, part
+  result = _cli("--config", "configs/vtab1k.py:help")
+  assert result.returncode == 0 and "models=vit_b16_in21k+" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/demo.py:tasks=digits,mixed"], r"did you mean tasks=digits\+mixed"),
+    (["--config", "configs/demo.py", "--config.hub.0.path=x"],
+     r"Overrides name keys with dots.*configs/demo.py:models\+=PATH"),
+    (["--config", "configs/demo.py:tasks=./no_such_folder"], "'.*no_such_folder' does not "
+     "exist"),
+])
+def test_cli_errors_are_one_line_with_the_way_out(args, message, tmp_path):
+  result = _cli(*args, "--workdir", str(tmp_path / "w"),
+                env={"FUSION_HOME": str(tmp_path / "home")})
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  assert re.search(message, lines[0]), lines[0]
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_unavailable_vtab_data_is_a_value_error_naming_data_dir(tmp_path, monkeypatch):
+  """main turns ValueErrors into one `error:` line: data errors are ones, and
+  config.data_dir reaches the task."""
+  import tensorflow_datasets as tfds
+  from fusion.data import pipeline
+
+  def no_network(self, *args, **kwargs):
+    raise ConnectionError("no route to host")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+  for name, way_out in (("dtd", "--config.data_dir=DIR or TFDS_DATA_DIR=DIR"),
+                        ("resisc45", f"NWPU-RESISC45.rar .* in {tmp_path}/downloads/manual/")):
+    task, = experiment.load_tasks((name,), str(tmp_path))
+    assert task.data_dir == str(tmp_path)
+    with pytest.raises(ValueError) as info:
+      pipeline.num_examples(task, "test")
+    assert isinstance(info.value, pipeline.DatasetUnavailableError)
+    assert re.search(way_out, str(info.value)) and "'digits'" in str(info.value)
+  with pytest.raises(ValueError, match="does not have"):
+    from fusion.data import tasks as tasks_lib
+    tasks_lib.make_builder(tasks_lib.Task(
+        "mine", "no_such_dataset:1.0.0", {s: s for s in tasks_lib.SPLITS},
+        tasks_lib.class_label, 2, "natural"))
+
+
+NOISE = ("oneDNN", "absl::InitializeLog", "Unable to initialize backend",
+         "are deprecated and will be removed", "Generating splits", "cuda", "TPU")
+
+
+def test_a_users_models_and_images_from_the_command_line_quietly(tmp_path):
+  """models+= and a folder of images on a config of one's own: the run prints no
+  library start-up noise, keeps its log in the workdir; `-v 1` shows more."""
+  import test_image_folder
+  images = test_image_folder.write_images(tmp_path / "colours", 1010)
+  model = tiny_models.save_tiny("vit", tmp_path / "my_vit")
+  config = tmp_path / "mine.py"
+  config.write_text("from configs import demo\n\n\ndef get_config(arg=None):\n"
+                    "  config = demo.get_config(arg)\n  config.offline_hub = None\n"
+                    "  return config\n")
+  workdir = tmp_path / "w"
+  env = {"FUSION_HOME": str(tmp_path / "home")}
+  result = _cli("--config", f"{config}:tasks={images},methods=nearest_centroid,"
+                f"models+={model}", "--workdir", str(workdir), env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| colours | natural |" in result.stdout
+  for noise in NOISE:
+    assert noise not in result.stderr, (noise, result.stderr[-3000:])
+  assert all(re.match(r"I\d{4} ", line) for line in result.stderr.splitlines()), result.stderr
+  with open(workdir / "results.json") as f:
+    rows = json.load(f)["rows"]
+  assert [(r["task"], r["model"]) for r in rows] == [("colours", "my_vit")]
+  log = (workdir / main.LOG_FILE).read_text()
+  assert "suite: 1 rows of 1 methods on 1 tasks" in log
+  small = test_image_folder.write_images(tmp_path / "small", 30)
+  verbose = _cli("--config", f"{config}:tasks={small}", "--workdir", str(tmp_path / "v"),
+                 "-v", "1", env=env)
+  assert verbose.returncode == 1 and "error: Image folder" in verbose.stderr
+  assert "Traceback" in verbose.stderr  # Quiet by default: one line; -v 1: the traceback.

@@ -63,3 +63,39 @@ def test_heatmap(tmp_path):
   path = tmp_path / "plots" / "h.png"
   report.plot_heatmap(rows, str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("num_tasks", [1, 19])
+def test_plots_fit_their_labels_from_one_task_to_nineteen(num_tasks, tmp_path):
+  """No 'Tight layout not applied' (a one-task heatmap was cropped), and cell
+  numbers readable: white on dark cells, black on light ones."""
+  import warnings
+  from fusion.selection import job as select_job
+  tasks = [f"a_long_task_name_{i}" for i in range(num_tasks)]
+  models = ["resnet_glyphs", "dinov2_textures_seed1"]
+  rows = [{"task": t, "category": "natural", "method": "m", "model": m,
+           "test_accuracy": 0.1 + 0.8 * (i % 2), "test_nll": 1.0, "test_ece": 0.1,
+           "inference_gflops": 0.01} for t in tasks for i, m in enumerate(models)]
+  estimators = ["knn", "logme"]
+  table = {"tasks": tasks, "estimators": estimators, "metrics": ["weighted_tau",
+                                                                "top1_regret"],
+           "rows": [{"estimator": e, "task": t, "weighted_tau": 0.5, "top1_regret": 30.0}
+                    for e in estimators for t in tasks],
+           "mean": [{"estimator": e, "weighted_tau": 0.5, "top1_regret": 30.0}
+                    for e in estimators]}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # matplotlib's layout warning fails the test.
+    report.plot_heatmap(rows, str(tmp_path / "heat.png"), method="m")
+    select_job.plot_selection(table, str(tmp_path / "select.png"))
+  assert (tmp_path / "heat.png").stat().st_size > 0
+
+
+def test_cell_text_reads_on_its_cell():
+  from matplotlib.figure import Figure
+  ax = Figure().add_subplot()
+  regret = ax.imshow(np.array([[0.0, 40.0]]), cmap="viridis_r", vmin=0)
+  assert report.text_color(regret, 40.0) == "white"  # viridis_r's dark end.
+  assert report.text_color(regret, 0.0) == "black"
+  diverging = ax.imshow(np.array([[-1.0, 1.0]]), cmap="RdYlGn", vmin=-1, vmax=1)
+  assert report.text_color(diverging, 0.0) == "black"
+  assert report.text_color(diverging, -1.0) == "white"

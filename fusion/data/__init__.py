@@ -31,7 +31,12 @@ def _quiet_stderr():
 
 with _quiet_stderr():
   import tensorflow as tf
-  import tensorflow_datasets  # noqa: F401  (its import loads more of TF)
+  import tensorflow_datasets  # Its import loads more of TF.
+
+# TFDS's nested generation bars would cut across the suite's one; fusion logs what
+# it generates. `-v 1` shows them.
+if logging.get_verbosity() < logging.DEBUG:
+  tensorflow_datasets.disable_progress_bar()
 
 try:
   tf.config.set_visible_devices([], "GPU")

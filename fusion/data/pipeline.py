@@ -32,8 +32,7 @@ Task = tasks_lib.Task
 Batch = dict[str, np.ndarray]
 
 
-class DatasetUnavailableError(RuntimeError):
-  """The TFDS data of a task is not prepared and could not be prepared."""
+DatasetUnavailableError = tasks_lib.DatasetUnavailableError
 
 
 # ------------------------------------------------------------ preparation
@@ -46,7 +45,7 @@ def prepare(task: Task, data_dir: str | None = None) -> tfds.core.DatasetBuilder
   TFDS, which needs the network the first time.
   """
   builder = tasks_lib.make_builder(task, data_dir)
-  if not builder.is_prepared():
+  if task.folder is None and not builder.is_prepared():  # tfds.ImageFolder reads files.
     if task.offline:
       logging.info("Generating offline dataset %s in %s.", task.tfds_name,
                    builder.data_dir)
@@ -57,17 +56,27 @@ def prepare(task: Task, data_dir: str | None = None) -> tfds.core.DatasetBuilder
       try:
         builder.download_and_prepare()
       except Exception as e:  # Network, manual files, disk: all end here.
-        raise DatasetUnavailableError(
-            f"Task {task.name!r} needs the TFDS dataset {task.tfds_name!r}, which "
-            f"is not prepared in {builder.data_dir} and could not be downloaded "
-            f"and prepared: {type(e).__name__}: {e}\nPrepare it where there is "
-            f"network access (`tfds build {task.tfds_name.split(':')[0]}`, or "
-            "fusion.data.pipeline.prepare) and pass its data_dir; datasets that "
-            "need a manual download say which files to put where in the error "
-            f"above. Offline alternatives (generated here): "
-            f"{', '.join(map(repr, tasks_lib.OFFLINE_TASKS))}.") from e
+        raise DatasetUnavailableError(unavailable_message(task, builder, e)) from e
   _check_source_sizes(task, builder)
   return builder
+
+
+def unavailable_message(task: Task, builder: tfds.core.DatasetBuilder,
+                        error: Exception) -> str:
+  """Why a task's data could not be had, and the ways out: prepare it elsewhere
+  and point data_dir at it, fetch manual files, or use the offline tasks."""
+  root = str(builder.data_dir_root)  # TFDS's manual_dir is <root>/downloads/manual.
+  manual = tasks_lib.MANUAL_DOWNLOADS.get(task.name)
+  how = (f"it needs a manual download: put {manual} in {root}/downloads/manual/, then rerun"
+         if manual else f"prepare it where there is network access (`tfds build "
+         f"{task.tfds_name.split(':')[0]} --data_dir DIR`) and rerun with "
+         f"--config.data_dir=DIR or TFDS_DATA_DIR=DIR")
+  cause = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+  offline = ", ".join(map(repr, tasks_lib.OFFLINE_TASKS))
+  return (f"Task {task.name!r} needs the TFDS dataset {task.tfds_name!r}, not prepared in "
+          f"{builder.data_dir} and not downloadable here ({cause}). Either {how}; or use "
+          f"the offline tasks generated here ({offline}) or a folder of your images "
+          "(tasks=/path/to/folder).")
 
 
 def _check_source_sizes(task: Task, builder: tfds.core.DatasetBuilder) -> None:

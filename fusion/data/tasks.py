@@ -20,6 +20,11 @@ same order and labels, each under an ImageNet-C-style corruption applied after
 decoding (`Task.shift`, `fusion.data.corruptions`). It is not a TFDS split and
 not in `Task.splits`; `task.has_shift` says whether a task has it and
 `task.all_splits` lists every split a task can load. VTAB tasks have none.
+
+Tasks of one's own: `register(Task(...))` adds any TFDS-backed task;
+`image_folder_task(path)` makes one from a folder of images with one sub-folder
+per class (`fusion.data.image_folder`), and `get(path)` registers and returns
+it, so a config's `tasks` may name folders next to registered tasks.
 """
 import dataclasses
 import functools
@@ -50,6 +55,11 @@ LABELS_VERSION = 1
 Example = Mapping[str, Any]  # A TFDS example: nested dict of tf tensors.
 LabelFn = Callable[[Example], tf.Tensor]
 ImageFn = Callable[[tf.Tensor], tf.Tensor]
+
+
+class DatasetUnavailableError(ValueError):
+  """The TFDS data of a task is not prepared and could not be prepared; the
+  message says where to get it and where to put it."""
 
 
 def offline_data_dir() -> str:
@@ -88,6 +98,9 @@ class Task:
       task has no shifted split. Not part of `fingerprint`, which keys the
       four standard splits: the features of `test_shift` are keyed by
       `split_spec` plus `shift.fingerprint` (`fusion.features.fingerprint`).
+    folder: for a task from an image folder, its split layout, read with
+      `tfds.ImageFolder` (`fusion.data.image_folder`); its `splits` name the
+      layout's split folders and `tfds_name` is a label with its fingerprint.
   """
   name: str
   tfds_name: str
@@ -103,6 +116,7 @@ class Task:
   offline: bool = False
   source_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
   shift: corruptions.Shift | None = None
+  folder: str | None = None
 
   def __post_init__(self):
     if SHIFT_SPLIT in self.splits:
@@ -212,7 +226,25 @@ def resolve_data_dir(task: Task, data_dir: str | None = None) -> str | None:
 
 def make_builder(task: Task, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `task` (nothing is downloaded or prepared here)."""
-  return tfds.builder(task.tfds_name, data_dir=resolve_data_dir(task, data_dir))
+  if task.folder is not None:
+    from fusion.data import image_folder
+    return image_folder.builder(task.folder)
+  try:
+    return tfds.builder(task.tfds_name, data_dir=resolve_data_dir(task, data_dir))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetUnavailableError(
+        f"Task {task.name!r} names the TFDS dataset {task.tfds_name!r}, which this "
+        f"TFDS ({tfds.__version__}) does not have: {' '.join(str(e).split()[:40])} "
+        "Check the name and version (`tfds.list_builders()`), or register the task "
+        "with another (fusion.data.tasks.register).") from None
+
+
+def with_data_dir(task: Task, data_dir: str | None) -> Task:
+  """`task` reading its TFDS data from `data_dir` (config.data_dir), where the
+  task downloads from TFDS; offline and image-folder tasks keep their own."""
+  if not data_dir or task.offline or task.folder is not None or task.data_dir is not None:
+    return task
+  return dataclasses.replace(task, data_dir=os.path.expanduser(data_dir))
 
 
 # ------------------------------------------------------------ label maps
@@ -522,9 +554,61 @@ OFFLINE_TASKS: tuple[str, ...] = tuple(task.name for task in _OFFLINE)
 TASKS: dict[str, Task] = {task.name: task for task in _VTAB + _OFFLINE}
 
 
+# Datasets that TFDS cannot download: their files are fetched by hand into
+# <data_dir>/downloads/manual/ (TFDS's manual_dir) before the first run.
+MANUAL_DOWNLOADS = {
+    "resisc45": "NWPU-RESISC45.rar from the dataset's OneDrive link, extracted there "
+                "(TFDS's resisc45 builder says which)",
+    "diabetic_retinopathy": "the Kaggle diabetic-retinopathy-detection files: test.zip "
+                            "unpacked into test/, sample.zip into sample/, "
+                            "trainLabels.csv and sampleSubmission.csv unpacked",
+}
+
+
+def register(task: Task, *, replace: bool = False) -> Task:
+  """Adds `task` to the registry: `get`, a config's `tasks` and the suite find it.
+
+  Registering the same task again is a no-op; another task under a registered
+  name is an error unless `replace`.
+  """
+  if not isinstance(task, Task):
+    raise TypeError(f"register takes a fusion.data.tasks.Task, got {type(task).__name__}.")
+  old = TASKS.get(task.name)
+  if old is not None and old.fingerprint != task.fingerprint and not replace:
+    raise ValueError(f"Another task is registered as {task.name!r} ({old.tfds_name}); "
+                     f"give {task.tfds_name} another name (an image folder: rename it, or "
+                     f"tasks.image_folder_task(path, name=...)), or pass replace=True.")
+  TASKS[task.name] = task
+  return task
+
+
+def image_folder_task(path: str, *, name: str | None = None, seed: int = 0,
+                      category: str = "natural") -> Task:
+  """A task from a folder with one sub-folder of images per class.
+
+  VTAB-1k splits, deterministic from `seed`: train800, val200, train800val200
+  and the rest as test (`fusion.data.image_folder`). Named after the folder
+  unless `name`. Not registered: `register(image_folder_task(...))`.
+  """
+  from fusion.data import image_folder
+  root = os.path.abspath(os.path.expanduser(path))
+  images = image_folder.list_images(root)
+  image_folder.check(root, images)
+  digest = image_folder.fingerprint(root, images, seed)
+  name = name or os.path.basename(root)
+  return Task(name, f"image_folder/{name}:{digest[:16]}",
+              {s: s for s in image_folder.SPLITS}, class_label, len(images), category,
+              label_names=tuple(images),
+              folder=image_folder.stage(root, images, seed, digest))
+
+
 def get(name: str) -> Task:
-  """The registered task called `name`."""
-  try:
+  """The registered task called `name`; a folder path gives (and registers) the
+  task of its images (`image_folder_task`, seed 0)."""
+  if name in TASKS:
     return TASKS[name]
-  except KeyError:
-    raise ValueError(f"Unknown task {name!r}; valid tasks: {sorted(TASKS)}.") from None
+  from fusion.data import image_folder
+  if image_folder.looks_like_path(name):
+    return register(image_folder_task(name))
+  raise ValueError(f"Unknown task {name!r}; valid tasks: {sorted(TASKS)}, or a folder of "
+                   "images with one sub-folder per class (a path, e.g. ./my_images).")

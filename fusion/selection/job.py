@@ -432,10 +432,13 @@ def plot_selection(table: Mapping[str, Any], path: str) -> str:
   cell = {(r["estimator"], r["task"]): r for r in table["rows"]}
   cell.update({(m["estimator"], "mean"): m for m in table["mean"]})
   metrics = table["metrics"]
-  fig = Figure(figsize=(len(metrics) * (1.6 + 0.7 * len(columns)), 1.2 + 0.35 * len(order)))
+  # One panel per metric, stacked: 19 tasks side by side three times would not read.
+  panel = 1.0 + 0.35 * len(order) + report.label_room(columns)
+  fig = Figure(figsize=(2.5 + 0.6 * len(columns) + report.label_room(order),
+                        len(metrics) * panel))
   FigureCanvasAgg(fig)
   for i, metric in enumerate(metrics):
-    ax = fig.add_subplot(1, len(metrics), i + 1)
+    ax = fig.add_subplot(len(metrics), 1, i + 1)
     grid = np.array([[cell[(e, c)][metric] if (e, c) in cell else np.nan for c in columns]
                      for e in order], np.float64)
     if metric == "top1_regret":
@@ -443,11 +446,11 @@ def plot_selection(table: Mapping[str, Any], path: str) -> str:
     else:
       image = ax.imshow(grid, cmap="RdYlGn", aspect="auto", vmin=-1, vmax=1)
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(order)), order if i == 0 else [""] * len(order))
+    ax.set_yticks(range(len(order)), order)
     for (r, c), v in np.ndenumerate(grid):
       if not np.isnan(v):
         ax.text(c, r, f"{v:.1f}" if metric == "top1_regret" else f"{v:.2f}",
-                ha="center", va="center", fontsize=7)
+                ha="center", va="center", fontsize=7, color=report.text_color(image, v))
     fig.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(METRIC_TITLES[metric].split(" (")[0], fontsize=9)
   fig.tight_layout()
@@ -569,7 +572,7 @@ def run(config, workdir: str) -> str:
   """The select job; writes rankings.json, results.json, results.md and plots/."""
   check_config(config)
   cfg = config.select
-  task_list = experiment.load_tasks(config.tasks)
+  task_list = experiment.load_tasks(config.tasks, config.get("data_dir"))
   gt_rows, source = None, "none (rankings only)"
   if cfg.ground_truth not in GROUND_TRUTHS:  # read it before the expensive part
     gt_rows = _rows_from_file(cfg.ground_truth, cfg.ground_truth_method)
@@ -580,7 +583,8 @@ def run(config, workdir: str) -> str:
     for task in task_list:
       for backbone in ctx.backbones:
         key, result = methods.run_unit(ctx, "linear_probe", task, [backbone])
-        rows.append(report.row(task, "linear_probe", result, unit=key))
+        rows.append({**report.row(task, "linear_probe", result, unit=key),
+                     **experiment.preprocess_fields([backbone])})
     gt_rows = list(rows)
     report.plot_heatmap(gt_rows, os.path.join(workdir, "plots", "linear_probe.png"),
                         method="linear_probe", title="Linear probe test accuracy (%)")
