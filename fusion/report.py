@@ -279,7 +279,7 @@ def methods_sections(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]
                "a row per model show the model with the best val200 accuracy; best method "
                "per task in bold. Category means are over the tasks of a category; **mean** "
                "is over all tasks, each counting once, the VTAB score (Zhai et al., 2019); "
-               "the mean of the category means weighs the three categories equally, as "
+               "the mean of the category means weighs the categories equally, as "
                "many later VTAB-1k papers report it. Means carry no interval and are left "
                "out (–) for a method that did not run every task they average. Cost, "
                "averaged over the tasks a method ran: inference GFLOPs per image "
