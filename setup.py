@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "huggingface-hub>=0.34,<1.0",
     "safetensors>=0.4",
     "tqdm>=4.66",
+    "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow (fusion.train).
     "matplotlib>=3.8",
     "scipy>=1.13",
     "scikit-learn>=1.5",

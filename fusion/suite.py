@@ -96,6 +96,55 @@ def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
   return rows
 
 
+def _plots(ctx, rows, names, task_list, workdir: str) -> str:
+  """Makes the suite's plots under <workdir>/plots; their results.md section
+  (only the plots this run made, so a stale file of an earlier run is not linked)."""
+  plots = os.path.join(workdir, "plots")
+
+  def made(name: str, ok: bool) -> list[tuple[str, str]]:
+    return [(name, f"plots/{name}")] if ok else []
+
+  cost = report.plot_accuracy_vs_gflops(rows, names,
+                                        os.path.join(plots, "accuracy_vs_gflops.png"))
+  per_task = report.plot_accuracy_vs_gflops_per_task(
+      rows, names, os.path.join(plots, "accuracy_vs_gflops_tasks.png"))
+  per_model = [n for n in names if methods.get(n).members == "each"]
+  for name in per_model:
+    report.plot_heatmap(rows, os.path.join(plots, f"{name}.png"), method=name,
+                        title=f"{name}: test accuracy (%)")
+  study = {os.path.basename(p) for p in report.plot_study(rows, plots)}  # Gates, agreement.
+  report.plot_routing(rows, plots)  # Hub-Pathway's routing, one plot per row with a matrix.
+  routed = {}
+  for r in rows:
+    if "routing_matrix" in r:
+      routed.setdefault(r["method"], []).append(
+          (r["task"], f"plots/routing_{r['method']}_{r['task']}.png"))
+  select = ctx.config.get("select") is not None  # evaluate() made these.
+  items = [
+      ("Test accuracy against inference GFLOPs per image, one point per method (mean over "
+       "the tasks every method ran), Pareto front dashed", made("accuracy_vs_gflops.png", cost)),
+      ("The same per task (small multiples), with each accuracy's 95% bootstrap interval",
+       made("accuracy_vs_gflops_tasks.png", per_task)),
+      ("Test accuracy per task and model, for the methods with a row per model",
+       [(n, f"plots/{n}.png") for n in per_model]),
+      ("Ranking quality per transferability estimator (weighted Kendall tau, Spearman, "
+       "top-1 regret against the linear probes, per task and mean)",
+       made("selection.png", select)),
+      ("Model taxonomy dendrograms (RSA of the models' frozen features, hierarchical "
+       "clustering), per task",
+       [(t.name, f"plots/taxonomy_{t.name}.png") for t in task_list] if select else []),
+      ("Gated fusion: the gate's mean weight per model, tasks x models, per gated method",
+       made("gate_weights.png", "gate_weights.png" in study)),
+      *[(f"Routing of `{m}`: the fraction of each class's test inputs sent to each model",
+         links) for m, links in routed.items()],
+      ("Agreement of the models' linear probes on test, models x models per task "
+       "(diagonal: each probe's accuracy)", made("agreement.png", "agreement.png" in study)),
+  ]
+  return report.plots_section(workdir, items, embed=(
+      "Test accuracy against inference GFLOPs per image", "plots/accuracy_vs_gflops.png")
+      if cost else None)
+
+
 def run(config, workdir: str) -> str:
   """The suite job: rows.jsonl, results.json, results.md and plots/ under `workdir`."""
   check_config(config)
@@ -108,21 +157,17 @@ def run(config, workdir: str) -> str:
     methods.check_hub(ctx, name)
   task_list = ctx.tasks()
   rows = run_units(ctx, names, task_list, workdir)
-  sections = [("All methods: test accuracy (%)",
-               "Methods with a row per model show the model with the best val200 accuracy; "
-               "best method per task in bold.\n\n" + report.methods_table(rows, list(names)))]
+  sections = report.methods_sections(rows, list(names))
+  select_sections = []
   if config.get("select") is not None:
     from fusion.selection import job as select_job
     probes = [r for r in rows if r["method"] == "linear_probe"]
     select_rows, select_sections = select_job.evaluate(ctx, task_list, probes, workdir,
                                                        "linear probes of this suite")
-    rows, sections = rows + select_rows, sections + select_sections
+    rows = rows + select_rows
+  sections += [("Plots", _plots(ctx, rows, list(names), task_list, workdir)),
+               *select_sections]
   per_model = [n for n in names if methods.get(n).members == "each"]
-  for name in per_model:
-    report.plot_heatmap(rows, os.path.join(workdir, "plots", f"{name}.png"), method=name,
-                        title=f"{name}: test accuracy (%)")
-  report.plot_study(rows, os.path.join(workdir, "plots"))  # Gate weights, probe agreement.
-  report.plot_routing(rows, os.path.join(workdir, "plots"))  # Hub-Pathway's routing.
   logging.info("suite: %d rows of %d methods on %d tasks", len(rows), len(names),
                len(task_list))
   return report.write_results(workdir, rows, sections, table_methods=per_model,

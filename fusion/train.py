@@ -469,6 +469,42 @@ def _append_jsonl(path: str, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + "\n")
 
 
+def _safe_part(name: str) -> str:
+  name = re.sub(r"[^A-Za-z0-9._=-]", "_", name)
+  return "_" if name in (".", "..") else name  # Never climb out of the directory.
+
+
+def tensorboard_dir(metrics_path: str, run_name: str | None = None) -> str:
+  """<directory of metrics_path>/tensorboard/<run_name>: TensorBoard shows each
+  run_name (its '/' parts as folders, odd characters replaced) as its own run."""
+  parts = [_safe_part(p) for p in (run_name or "train").split("/") if p]
+  return os.path.join(os.path.dirname(os.path.abspath(metrics_path)), "tensorboard",
+                      *(parts or ["train"]))
+
+
+class _TensorBoard:
+  """The JSONL metrics lines as TensorBoard scalar events (tensorboardX: no TensorFlow)."""
+
+  def __init__(self, logdir: str, start_step: int):
+    try:
+      import tensorboardX  # Imported here: only runs that log need it.
+    except ImportError as e:
+      raise ImportError("fusion.train writes TensorBoard events with tensorboardX, which is "
+                        "not installed: pip install tensorboardX (setup.py lists it), or "
+                        "pass tensorboard=False.") from e
+    # purge_step: a resumed run hides the events an earlier attempt logged past
+    # its last checkpoint, as the JSONL lines are appended again from there.
+    self.writer = tensorboardX.SummaryWriter(logdir, purge_step=start_step or None)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    for key, value in record.items():
+      if key not in ("run", "step", "wall_time") and isinstance(value, (int, float)):
+        self.writer.add_scalar(key, value, global_step=record["step"])
+
+  def close(self) -> None:
+    self.writer.close()
+
+
 def default_checkpoint_dir(workdir: str, run_name: str | None = None) -> str:
   """<workdir>/checkpoints[/<run_name with odd characters replaced>]."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -486,7 +522,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
           metrics_file: str = "metrics.jsonl", run_name: str | None = None,
           checkpoint: bool = True, checkpoint_dir: str | None = None,
           checkpoint_every: int = 1000, max_to_keep: int | None = 2,
-          progress: bool = True) -> TrainState:
+          progress: bool = True, tensorboard: bool = True) -> TrainState:
   """Trains `params` for `num_steps` updates; resumes from the latest checkpoint.
 
   Args:
@@ -514,6 +550,8 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
       this many steps and at the end.
     metrics_file: JSONL file, relative to workdir (or absolute); lines carry
       `run: run_name` when given, so several runs can share one file.
+    tensorboard: also write each metrics line's scalars as TensorBoard events
+      under `tensorboard_dir(metrics file, run_name)`, i.e. beside the JSONL file.
     run_name: tag for metrics lines, the progress bar and the default
       checkpoint directory.
     checkpoint: whether to checkpoint (needs workdir or checkpoint_dir).
@@ -587,7 +625,8 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
                  state_shardings=state_shardings,
                  manager=manager, checkpoint_every=checkpoint_every, workdir=workdir,
                  metrics_file=metrics_file, run_name=run_name, log_every=log_every,
-                 eval_fn=eval_fn, eval_every=eval_every, progress=progress)
+                 eval_fn=eval_fn, eval_every=eval_every, progress=progress,
+                 tensorboard=tensorboard)
   finally:
     if manager is not None:
       manager.wait_until_finished()  # Good checkpoints finish even on errors.
@@ -596,7 +635,7 @@ def train(*, loss_fn: LossFn, params: Any, batch_fn: Callable[[int], Any],
 
 def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
           multipliers, state_shardings, manager, checkpoint_every, workdir, metrics_file,
-          run_name, log_every, eval_fn, eval_every, progress) -> TrainState:
+          run_name, log_every, eval_fn, eval_every, progress, tensorboard) -> TrainState:
   start = int(state.step)
   if start == num_steps:
     return state
@@ -610,6 +649,8 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
   # Which run wrote a line: reruns into one workdir append to the same file.
   run_id = provenance.run_id()
   tag = {**({"run_id": run_id} if run_id else {}), **({"run": run_name} if run_name else {})}
+  events = (_TensorBoard(tensorboard_dir(metrics_path, run_name), start)
+            if metrics_path and tensorboard else None)
   # Else TQDM_DISABLE decides.
   bar_kwargs = {} if main_process and progress else {"disable": True}
   # leave=False: a finished run's bar goes, under the caller's (the suite's) one.
@@ -645,14 +686,20 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
         bar.set_postfix(loss=f"{record['loss']:.4g}")
         if metrics_path:
           _append_jsonl(metrics_path, record)
+        if events is not None:
+          events.write(record)
       if evaluate:
         results = jax.device_get(dict(eval_fn(state.params)))
-        results = {k: float(v) for k, v in results.items()}
+        record = {**tag, "step": done, **{k: float(v) for k, v in results.items()},
+                  "wall_time": time.time() - t0}
         if metrics_path:
-          _append_jsonl(metrics_path, {**tag, "step": done, **results,
-                                       "wall_time": time.time() - t0})
+          _append_jsonl(metrics_path, record)
+        if events is not None:
+          events.write(record)
       if save:
         manager.save(done, args=ocp.args.StandardSave(state), force=True)
   finally:
     bar.close()
+    if events is not None:
+      events.close()
   return state

@@ -63,6 +63,9 @@ def test_linear_probe_job_writes_every_output(tmp_path, monkeypatch):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     runs = {json.loads(line)["run"] for line in f}
   assert "linear_probe/digits/vit/final" in runs
+  # The same curves as TensorBoard events, one folder per run, beside metrics.jsonl.
+  assert os.listdir(os.path.join(workdir, "tensorboard", "linear_probe", "digits", "vit",
+                                 "final"))
 
 
 class _MeshBuilt(Exception):

@@ -53,8 +53,11 @@ CHILD = textwrap.dedent("""
       return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
     state = train.train(loss_fn=loss_fn, params={"w": np.zeros(3, np.float32)},
                         batch_fn=lambda step: {"x": x, "y": y}, config={"learning_rate": 0.1},
-                        mesh=mesh, num_steps=3, checkpoint=False, progress=False)
+                        mesh=mesh, num_steps=3, checkpoint=False, progress=False,
+                        workdir=WORKDIR + "/train", log_every=1)
     assert int(state.step) == 3 and np.abs(np.asarray(state.params["w"])).sum() > 0
+    import os  # The TensorBoard events too are written without TensorFlow.
+    assert os.listdir(WORKDIR + "/train/tensorboard/train")
 
     backbone = hub.load(tiny_models.save_tiny("vit", WORKDIR + "/vit"))
     images = np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype(np.float32)

@@ -3,6 +3,7 @@ rows from Results in one place, a method registered at runtime runs through
 the suite, and a suite killed mid-unit resumes to the same results.json."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,8 +63,10 @@ def _rows(workdir):
     return json.load(f)["rows"]
 
 
-def _without_wall_time(rows):
-  return [{k: v for k, v in r.items() if k not in report.WALL_TIME_FIELDS} for r in rows]
+def _comparable(workdir):
+  """results.json less what differs between two runs (provenance, wall time)."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    return report.comparable(json.load(f))
 
 
 def test_suite_rows_come_from_the_cached_predictions(first_run, home):
@@ -89,6 +92,21 @@ def test_suite_rows_come_from_the_cached_predictions(first_run, home):
   probe = rows[0]
   assert probe["train_steps"] == 3 * 40 and probe["learning_rate"] in (1e-2, 1e-1)
   assert "| digits | natural |" in markdown and "## nearest_centroid" in markdown
+  for row in rows:  # Intervals from the cached predictions, around the accuracy.
+    p = cache.load(row["unit"]).predictions
+    for split, prefix in (("test", "test_"), ("test_shift", "shift_")):
+      assert row[f"{prefix}accuracy_ci"] == report.bootstrap_accuracy_interval(
+          p.logits[split], p.labels[split])
+      lo, hi = row[f"{prefix}accuracy_ci"]
+      assert lo <= row[f"{prefix}accuracy"] <= hi
+  # The tables show them, the costs, the shifted split; every plot linked exists.
+  assert " ±" in markdown.split("## All methods: shifted")[0]
+  assert "| *optimizer steps / task* |" in markdown
+  assert "## All methods: shifted test split" in markdown
+  links = re.findall(r"\]\((plots/[^)]+)\)", markdown)
+  assert "plots/accuracy_vs_gflops.png" in links and "plots/linear_probe.png" in links
+  for link in links:
+    assert os.path.exists(os.path.join(workdir, link)), link
 
 
 def test_second_run_recomputes_nothing(first_run, hub_specs, home, tmp_path, monkeypatch):
@@ -102,7 +120,7 @@ def test_second_run_recomputes_nothing(first_run, hub_specs, home, tmp_path, mon
   fresh = str(tmp_path / "fresh")  # Another workdir: the units come from $FUSION_HOME.
   main.run(_suite_config(hub_specs), fresh)
   assert calls == []
-  assert _without_wall_time(_rows(fresh)) == _without_wall_time(_rows(workdir))
+  assert _comparable(fresh) == _comparable(workdir)  # Intervals included: fixed seed.
   # A changed method config is another unit: computed anew.
   config = _suite_config(hub_specs, methods=("nearest_centroid",))
   config.nearest_centroid.temperatures = (0.05,)
@@ -229,4 +247,4 @@ def test_killed_suite_resumes_to_the_same_results(hub_specs, home, tmp_path):
   main.run(_suite_config(hub_specs, linear_probe=config_lib.probe_config(
       learning_rates=(1e-2, 1e-1), steps=400)), fresh)
   assert len(_rows(killed)) == 4
-  assert _without_wall_time(_rows(killed)) == _without_wall_time(_rows(fresh))
+  assert _comparable(killed) == _comparable(fresh)

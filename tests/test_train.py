@@ -1,4 +1,5 @@
 """Tests for fusion.train: schedules, optimizers vs float64 numpy, mesh, resume, NaN."""
+import functools
 import json
 import math
 import os
@@ -441,6 +442,40 @@ def test_linear_classifier_learns_and_logs(mesh, tmp_path):
   assert [line["step"] for line in eval_lines] == [20, 40, 60]
   assert [line["eval_accuracy"] for line in eval_lines] == pytest.approx(evals)
   assert evals[-1] > 0.95
+
+
+def read_events(logdir) -> list:
+  """Every event of the TensorBoard files under `logdir`, through TensorFlow's reader
+  (not the writer's library), file by file in name (creation) order."""
+  tf = pytest.importorskip("tensorflow")
+  files = sorted(os.listdir(logdir))
+  assert files and all(f.startswith("events.out.tfevents.") for f in files), files
+  return [e for f in files for e in tf.compat.v1.train.summary_iterator(os.path.join(logdir, f))]
+
+
+def test_tensorboard_events_equal_the_jsonl_lines(mesh, tmp_path):
+  run = functools.partial(run_cls, str(tmp_path), mesh=mesh, log_every=2, eval_every=4,
+                          eval_fn=lambda params: {"eval_accuracy": cls_accuracy(params)},
+                          run_name="probe/b c", checkpoint_every=100)
+  run(num_steps=6)
+  run()  # Resumes at step 6, appends the lines of steps 8 to 12.
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  logdir = tmp_path / "tensorboard" / "probe" / "b_c"
+  assert train.tensorboard_dir(str(tmp_path / "metrics.jsonl"), "probe/b c") == str(logdir)
+  events = read_events(logdir)
+  scalars = {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value}
+  want = {(k, line["step"]): np.float32(v) for line in lines for k, v in line.items()
+          if k not in ("run", "step", "wall_time")}
+  assert {"loss", "learning_rate", "grad_norm", "accuracy", "eval_accuracy"} == {
+      k for k, _ in want}
+  assert sorted({s for _, s in want}) == [2, 4, 6, 8, 10, 12]
+  assert scalars == want  # Same scalars at the same steps, as float32 (TensorBoard's).
+  # The resumed run tells TensorBoard to drop what an earlier attempt logged past step 6.
+  starts = [e.step for e in events if e.HasField("session_log")]
+  assert starts == [6]
+  # tensorboard=False: JSONL only.
+  run_cls(str(tmp_path / "off"), mesh=mesh, num_steps=2, checkpoint=False, tensorboard=False)
+  assert os.listdir(tmp_path / "off") == ["metrics.jsonl"]
 
 
 def test_eight_devices_equal_one_device():
