@@ -494,7 +494,10 @@ class _TensorBoard:
                         "pass tensorboard=False.") from e
     # purge_step: a resumed run hides the events an earlier attempt logged past
     # its last checkpoint, as the JSONL lines are appended again from there.
-    self.writer = tensorboardX.SummaryWriter(logdir, purge_step=start_step or None)
+    # Event files are named by the second they open in: a unique suffix keeps a
+    # run resumed within that second from overwriting the earlier attempt's.
+    self.writer = tensorboardX.SummaryWriter(logdir, purge_step=start_step or None,
+                                             filename_suffix=f".{time.time_ns()}")
 
   def write(self, record: Mapping[str, Any]) -> None:
     for key, value in record.items():
