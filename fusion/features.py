@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -170,8 +170,16 @@ def _save_cached(directory: str, key: str, inputs: dict, fs: FeatureSet) -> None
 
 def extract(backbone: hub.Backbone, task, split: str, *,
             mesh: jax.sharding.Mesh | None = None, batch_size: int = 64,
-            cache_dir: str | None = None, data_dir: str | None = None) -> FeatureSet:
-  """Features and labels of `task`'s `split`, from the cache when valid."""
+            cache_dir: str | None = None, data_dir: str | None = None,
+            load_images: Callable[[], tuple[np.ndarray, np.ndarray] | None] | None = None
+            ) -> FeatureSet:
+  """Features and labels of `task`'s `split`, from the cache when valid.
+
+  On a cache miss, `load_images()` may give the split's preprocessed images
+  and labels from memory (the data pipeline's, in its order: the same
+  features), so models of one preprocessing decode a split once; None reads
+  it through the pipeline.
+  """
   from fusion.data import pipeline  # Only here: features run without TF otherwise.
 
   if backbone.kind != "vision":
@@ -184,13 +192,19 @@ def extract(backbone: hub.Backbone, task, split: str, *,
   if cached is not None:
     return cached
   mesh = mesh or sharding.make_mesh()
-  pre = backbone.preprocess
-  batches = pipeline.iterate_batches(
-      task, split, resolution=pre.resolution, mean=pre.mean, std=pre.std,
-      batch_size=batch_size, data_dir=data_dir, mesh=mesh)
-  total = -(-pipeline.num_examples(task, split, data_dir=data_dir) // batch_size)
-  out = _run(backbone, batches, mesh, total, desc=f"{backbone.name}/{task.name}/{split}")
-  result = FeatureSet(out["features"], out["label"].astype(np.int32), key)
+  loaded = load_images() if load_images is not None else None
+  if loaded is not None:
+    images, labels = loaded
+    result = FeatureSet(extract_array(backbone, images, mesh=mesh, batch_size=batch_size),
+                        np.asarray(labels, np.int32), key)
+  else:
+    pre = backbone.preprocess
+    batches = pipeline.iterate_batches(
+        task, split, resolution=pre.resolution, mean=pre.mean, std=pre.std,
+        batch_size=batch_size, data_dir=data_dir, mesh=mesh)
+    total = -(-pipeline.num_examples(task, split, data_dir=data_dir) // batch_size)
+    out = _run(backbone, batches, mesh, total, desc=f"{backbone.name}/{task.name}/{split}")
+    result = FeatureSet(out["features"], out["label"].astype(np.int32), key)
   _save_cached(directory, key, inputs, result)
   return result
 

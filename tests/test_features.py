@@ -70,6 +70,43 @@ def test_extract_task_split_sharded_equals_single_device(backbone, data_dir, tmp
   np.testing.assert_allclose(eight.features, one.features, rtol=1e-5, atol=1e-5)
 
 
+def test_images_from_memory_give_the_pipeline_features(backbone, data_dir, tmp_path,
+                                                       monkeypatch):
+  from fusion.data import pipeline
+  pre = backbone.preprocess
+  streamed = features.extract(backbone, TASK, "val200", batch_size=64, data_dir=data_dir,
+                              cache_dir=str(tmp_path / "a"))
+  images, labels = pipeline.load_split(TASK, "val200", resolution=pre.resolution,
+                                       mean=pre.mean, std=pre.std, data_dir=data_dir)
+  monkeypatch.setattr(pipeline, "iterate_batches", None)  # The pipeline is not read.
+  in_memory = features.extract(backbone, TASK, "val200", batch_size=64, data_dir=data_dir,
+                               cache_dir=str(tmp_path / "b"),
+                               load_images=lambda: (images, labels))
+  assert in_memory.fingerprint == streamed.fingerprint
+  np.testing.assert_array_equal(in_memory.labels, streamed.labels)
+  np.testing.assert_array_equal(in_memory.features, streamed.features)
+
+
+def test_models_of_one_preprocessing_decode_a_small_split_once(backbone, data_dir,
+                                                                tmp_path, monkeypatch):
+  import ml_collections
+  from fusion import experiment
+  from fusion.data import pipeline
+  loads = []
+  real = pipeline.load_split
+  monkeypatch.setattr(pipeline, "load_split", lambda *a, **k: loads.append(a) or real(*a, **k))
+  task = tasks.with_data_dir(TASK, data_dir)
+  twin = dataclasses.replace(backbone, name=backbone.name + "_twin")
+  config = ml_collections.ConfigDict({"batch_size": 64, "cache_dir": str(tmp_path)})
+  ctx = experiment.Context(config, None, [backbone, twin], sharding.make_mesh())
+  for b in (backbone, twin):
+    ctx.features(b, task, "val200")
+  assert len(loads) == 1
+  monkeypatch.setattr(experiment, "IMAGES_IN_MEMORY_BYTES", 0)  # Too big: streamed.
+  ctx.features(backbone, task, "test")
+  assert len(loads) == 1
+
+
 def _count_runs(monkeypatch):
   calls = []
   real_run = features._run
