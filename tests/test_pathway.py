@@ -160,7 +160,7 @@ def test_bad_routing_settings_are_named(k, capacity_factor, message):
     ("eval_capacity_factor", 0.0, r"capacity_factor=0.0 must be > 0"),
     ("eval_capacity_factor", "many", r"eval_capacity_factor='many' must be None"),
     ("noise", "loud", r"noise='loud' is not one of \('learned', 'fixed'\)"),
-    ("fixed_noise_std", -1.0, r"fixed_noise_std=-1.0 must be None"),
+    ("fixed_noise_std", 0.0, r"fixed_noise_std=0.0 must be None \(1 / M\) or a number > 0"),
 ])
 def test_bad_inference_capacity_and_noise_are_named(key, value, message):
   config = pathway.default_config()

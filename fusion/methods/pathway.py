@@ -6,12 +6,16 @@ configurable and built on the noisy top-k gating of Shazeer et al. (2017) and
 V-MoE (`fusion.routing`):
 - a generator (the thumbnail CNN of `fusion.routing`, or a linear gate on one
   hub model's cached features) gives logits over the M hub models; while
-  training H = clean + eps * softplus(noise), eps ~ N(0, 1);
+  training H = clean + eps * softplus(noise), eps ~ N(0, 1) (or a fixed std);
 - the top k of H activate models for an input, their weights the softmax
-  over those k; each model's inputs go into a buffer of
+  over all M kept at those k (V-MoE; or over the k, Shazeer et al.); each
+  model's inputs go into a buffer of
   ceil(k * B * capacity_factor / M) slots (batch order; the overflow is dropped
   and counted, its gate weight falls back to a uniform prediction), so an input
-  runs through its k models only, at training and at inference;
+  runs through its k models only, at training and at inference; at inference
+  the buffers hold the whole batch unless `eval_capacity_factor` is set, so no
+  input is dropped there (a router that prefers a few models for every input
+  would otherwise lose most of the test set to overflow);
 - each model has its own linear head; the output is the gate-weighted sum of
   the activated models' head probabilities;
 - losses: cross-entropy of that output (task), the importance and load CV^2
@@ -100,7 +104,7 @@ NOISES = ("learned", "fixed")
 
 
 def _noise(config, num_models: int) -> str | float:
-  """"learned", or the fixed noise std (>= 0)."""
+  """"learned", or the fixed noise std (> 0)."""
   noise = config.get("noise", "learned")
   if noise not in NOISES:
     raise ValueError(f"pathway.noise={noise!r} is not one of {NOISES}.")
@@ -113,9 +117,9 @@ def _noise(config, num_models: int) -> str | float:
     std = float(value)
   except (TypeError, ValueError):
     std = float("nan")
-  if not std >= 0:
+  if not std > 0:  # The smooth load estimate divides by it.
     raise ValueError(f"pathway.fixed_noise_std={value!r} must be None (1 / M) or a "
-                     "number >= 0.")
+                     "number > 0.")
   return std
 
 
@@ -415,7 +419,8 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
               "test_dropped": dropped, "routing_matrix": routing_matrix,
               "routing_models": [b.name for b in backbones],
               "capacity": routing.capacity(k, int(config.batch_size), len(backbones),
-                                           float(config.capacity_factor))})
+                                           float(config.capacity_factor)),
+              "eval_capacity": _eval_slots(config, k, len(backbones))})
 
 
 def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
