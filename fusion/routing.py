@@ -132,10 +132,19 @@ def top_k_gates(logits: jax.Array, k: int, normalisation: str = "top_k"
   return gates, index
 
 
-def noisy_logits(clean: jax.Array, raw_noise: jax.Array, rng: jax.Array | None
+def learned_noise_std(raw_noise: jax.Array) -> jax.Array:
+  """Shazeer et al.'s noise scale softplus(x W_noise); a floor keeps the load estimate finite."""
+  return jax.nn.softplus(raw_noise) + 1e-2
+
+
+def noisy_logits(clean: jax.Array, noise_std: jax.Array | float, rng: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array]:
-  """(H, noise std): H = clean + eps * softplus(raw_noise) with eps ~ N(0, 1); no rng: clean."""
-  noise_std = jax.nn.softplus(raw_noise) + 1e-2  # A floor keeps the load estimate finite.
+  """(H, noise std [B, M]): H = clean + eps * noise_std, eps ~ N(0, 1); no rng: clean.
+
+  `noise_std`: per entry (`learned_noise_std`), or one number for every entry
+  (V-MoE's fixed 1/M).
+  """
+  noise_std = jnp.broadcast_to(jnp.asarray(noise_std, clean.dtype), clean.shape)
   if rng is None:
     return clean, noise_std
   return clean + jax.random.normal(rng, clean.shape, clean.dtype) * noise_std, noise_std

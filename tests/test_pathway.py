@@ -156,6 +156,28 @@ def test_bad_routing_settings_are_named(k, capacity_factor, message):
     pathway.check_config(pathway.default_config(), 1, 1)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("eval_capacity_factor", 0.0, r"capacity_factor=0.0 must be > 0"),
+    ("eval_capacity_factor", "many", r"eval_capacity_factor='many' must be None"),
+    ("noise", "loud", r"noise='loud' is not one of \('learned', 'fixed'\)"),
+    ("fixed_noise_std", 0.0, r"fixed_noise_std=0.0 must be None \(1 / M\) or a number > 0"),
+])
+def test_bad_inference_capacity_and_noise_are_named(key, value, message):
+  config = pathway.default_config()
+  config.noise = "fixed"
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
+    pathway.check_config(config, 3, 1)
+
+
+def test_inference_capacity_defaults_to_the_whole_batch():
+  config = pathway.default_config()
+  assert config.eval_capacity_factor is None
+  assert pathway._eval_slots(config, 1, 11) == config.batch_size
+  config.eval_capacity_factor = 2.0  # As in training: ceil(k B f / M).
+  assert pathway._eval_slots(config, 1, 11) == routing.capacity(1, 64, 11, 2.0) == 12
+
+
 def test_pathway_runs_through_the_suite(tmp_path, monkeypatch):
   monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home"))
   specs = [{"name": a, "path": tiny_models.save_tiny(a, tmp_path / a)}
@@ -171,10 +193,44 @@ def test_pathway_runs_through_the_suite(tmp_path, monkeypatch):
     rows = {r["method"]: r for r in json.load(f)["rows"]}
   k1, frozen = rows["pathway_k1"], rows["pathway_frozen"]
   assert k1["k"] == 1 and frozen["k"] == 2 and frozen["frozen"]
-  # An input runs through at most k models; drops only lower that.
-  assert 0 < k1["models_per_input"] <= 1 and 1 < frozen["models_per_input"] <= 2
-  assert np.shape(k1["routing_matrix"]) == (10, 3) and k1["test_dropped"] >= 0
+  # At the default inference capacity nothing is dropped: every input runs k models.
+  assert k1["models_per_input"] == 1 and frozen["models_per_input"] == 2
+  assert k1["test_dropped"] == frozen["test_dropped"] == 0
+  assert np.shape(k1["routing_matrix"]) == (10, 3)
   assert k1["capacity"] == routing.capacity(1, 32, 3, cfg.capacity_factor) == 14
   # Cost grows with k: the k = 1 pathway runs fewer GFLOPs per image.
   assert k1["inference_gflops"] < frozen["inference_gflops"]
   assert os.path.exists(tmp_path / "work" / "plots" / "routing_pathway_k1_digits.png")
+
+
+def _two_domain_task(rng, n):
+  """Frozen 'models' [n, 4] of a 2-class task where the useful model differs by input:
+  model 0 sees the label on domain 0 only, model 1 on domain 1 only, model 2 never;
+  the gate input says the domain (plus noise)."""
+  domain = rng.integers(0, 2, n)
+  labels = rng.integers(0, 2, n).astype(np.int32)
+  signal = (2.0 * labels - 1.0)[:, None] * np.array([[2.0, 0, 0, 0]])
+  inputs = [rng.normal(size=(n, 4)) + signal * (domain == m)[:, None] for m in range(3)]
+  gate = np.stack([2.0 * domain - 1.0, np.zeros(n)], 1) + 0.3 * rng.normal(size=(n, 2))
+  return ([x.astype(np.float32) for x in inputs], gate.astype(np.float32), labels,
+          domain)
+
+
+def test_default_router_sends_each_input_to_its_useful_model_and_drops_nothing():
+  rng = np.random.default_rng(5)
+  config = pathway.default_config()
+  config.generator = "features"  # Any hub model name: a linear gate on given features.
+  train_x, train_gate, train_y, _ = _two_domain_task(rng, 800)
+  test_x, test_gate, test_y, test_domain = _two_domain_task(rng, 1000)
+  encoders = tuple(pathway._identity for _ in range(3))
+  params, predict = pathway.train_arrays(
+      config, 1, 0.05, 300, 0, sharding.make_mesh(1), encoders, [{}, {}, {}], [{}, {}, {}],
+      (4, 4, 4), 2, train_x, train_gate, train_y)
+  log_probs, routed, dropped, _ = pathway.predict_all(
+      jax.jit(predict), params, test_x, test_gate, test_y, int(config.batch_size))
+  # The default inference capacity is the whole batch: every input runs its k = 1 model.
+  assert dropped == 0 and np.all(routed.sum(1) == 1)
+  for m in (0, 1):  # Each domain mostly to its own model.
+    assert routed[test_domain == m, m].mean() > 0.8, routed[test_domain == m].mean(0)
+  # One model alone is at chance on half the inputs (75% at best); routing beats it.
+  assert (log_probs.argmax(1) == test_y).mean() > 0.85

@@ -49,3 +49,36 @@ def test_feature_gate_linear_and_mlp():
     np.testing.assert_allclose(weights, 0.25, atol=1e-7)
   with pytest.raises(ValueError, match="num_models >= 1"):
     routing.FeatureGate(num_models=0).init(jax.random.PRNGKey(0), x)
+
+
+def _normal_cdf(x):
+  from math import erf, sqrt
+  return 0.5 * (1.0 + np.vectorize(erf)(np.asarray(x, np.float64) / sqrt(2.0)))
+
+
+@pytest.mark.parametrize("noise_std", ["learned", 0.25])
+def test_noisy_logits_and_load_loss_match_numpy(noise_std):
+  rng = np.random.default_rng(4)
+  clean = rng.normal(size=(9, 5)).astype(np.float32)
+  raw = rng.normal(size=(9, 5)).astype(np.float32)
+  std = (routing.learned_noise_std(jnp.asarray(raw)) if noise_std == "learned"
+         else noise_std)
+  key = jax.random.PRNGKey(3)
+  noisy, std_out = routing.noisy_logits(jnp.asarray(clean), std, key)
+  want_std = (np.log1p(np.exp(raw.astype(np.float64))) + 1e-2 if noise_std == "learned"
+              else np.full(clean.shape, noise_std))
+  eps = np.asarray(jax.random.normal(key, clean.shape, jnp.float32), np.float64)
+  np.testing.assert_allclose(std_out, want_std, rtol=1e-5)
+  np.testing.assert_allclose(noisy, clean + eps * want_std, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(routing.noisy_logits(jnp.asarray(clean), std, None)[0], clean)
+  # Shazeer et al.'s smooth load, k = 2: P(model in the top k) under fresh noise of its own.
+  k, noisy64 = 2, np.asarray(noisy, np.float64)
+  prob = np.zeros_like(noisy64)
+  for b in range(len(clean)):
+    for m in range(clean.shape[1]):
+      kth_other = np.sort(np.delete(noisy64[b], m))[::-1][k - 1]
+      prob[b, m] = _normal_cdf((clean[b, m] - kth_other) / want_std[b, m])
+  load = prob.sum(0)
+  want = load.var() / load.mean() ** 2
+  got = routing.load_loss(jnp.asarray(clean), noisy, std_out, k)
+  assert float(got) == pytest.approx(want, rel=1e-4)

@@ -6,12 +6,16 @@ configurable and built on the noisy top-k gating of Shazeer et al. (2017) and
 V-MoE (`fusion.routing`):
 - a generator (the thumbnail CNN of `fusion.routing`, or a linear gate on one
   hub model's cached features) gives logits over the M hub models; while
-  training H = clean + eps * softplus(noise), eps ~ N(0, 1);
+  training H = clean + eps * softplus(noise), eps ~ N(0, 1) (or a fixed std);
 - the top k of H activate models for an input, their weights the softmax
-  over those k; each model's inputs go into a buffer of
+  over all M kept at those k (V-MoE; or over the k, Shazeer et al.); each
+  model's inputs go into a buffer of
   ceil(k * B * capacity_factor / M) slots (batch order; the overflow is dropped
   and counted, its gate weight falls back to a uniform prediction), so an input
-  runs through its k models only, at training and at inference;
+  runs through its k models only, at training and at inference; at inference
+  the buffers hold the whole batch unless `eval_capacity_factor` is set, so no
+  input is dropped there (a router that prefers a few models for every input
+  would otherwise lose most of the test set to overflow);
 - each model has its own linear head; the output is the gate-weighted sum of
   the activated models' head probabilities;
 - losses: cross-entropy of that output (task), the importance and load CV^2
@@ -50,10 +54,19 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "k": 2,
       "capacity_factor": 1.25,
+      # At inference (val200, test): None gives every model a buffer of the whole
+      # batch, so no input is ever dropped; a number: ceil(k B f / M) slots, as in
+      # training. Drops are counted either way.
+      "eval_capacity_factor": None,
       # "all": gate weights are the softmax over all M models, kept at the top k
       # (V-MoE; the router learns from the task loss even at k = 1); "top_k":
       # the softmax over the k chosen (Shazeer et al.).
       "gate_normalisation": "all",
+      # "learned": Shazeer et al.'s noise std softplus(x W_noise), a second output
+      # of the generator; "fixed": one std for every logit, `fixed_noise_std`
+      # (None: V-MoE's 1 / M).
+      "noise": "learned",
+      "fixed_noise_std": None,
       "generator": "thumbnail",
       "thumbnail_size": 8,
       "generator_widths": (16, 32),
@@ -65,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
       "optimizer": {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine",
                     "weight_decay": 0.0, "grad_clip_norm": 1.0},
       "backbone_lr_multiplier": 1.0,
+      "generator_lr_multiplier": 1.0,
       "loss_weights": {"task": 1.0, "importance": 0.1, "load": 0.1, "exploitation": 1.0},
   })
 
@@ -78,10 +92,49 @@ def check_config(config, num_models: int, k: int) -> None:
     raise ValueError(f"pathway.gate_normalisation={config.gate_normalisation!r} is not one "
                      f"of {routing.GATE_NORMALISATIONS}.")
   routing.capacity(k, int(config.batch_size), num_models, float(config.capacity_factor))
+  _eval_slots(config, k, num_models)
   if not config.learning_rates:
     raise ValueError("pathway.learning_rates is empty; give at least one.")
+  _noise(config, num_models)
   if any(float(w) < 0 for w in config.loss_weights.values()):
     raise ValueError(f"pathway.loss_weights must be >= 0; got {dict(config.loss_weights)}.")
+
+
+NOISES = ("learned", "fixed")
+
+
+def _noise(config, num_models: int) -> str | float:
+  """"learned", or the fixed noise std (> 0)."""
+  noise = config.get("noise", "learned")
+  if noise not in NOISES:
+    raise ValueError(f"pathway.noise={noise!r} is not one of {NOISES}.")
+  if noise == "learned":
+    return noise
+  value = config.get("fixed_noise_std")
+  if value is None:
+    return 1.0 / num_models
+  try:
+    std = float(value)
+  except (TypeError, ValueError):
+    std = float("nan")
+  if not std > 0:  # The smooth load estimate divides by it.
+    raise ValueError(f"pathway.fixed_noise_std={value!r} must be None (1 / M) or a "
+                     "number > 0.")
+  return std
+
+
+def _eval_slots(config, k: int, num_models: int) -> int:
+  """Buffer slots per model at inference; the whole batch when eval_capacity_factor is None."""
+  batch_size = int(config.batch_size)
+  factor = config.get("eval_capacity_factor")
+  if factor is None:
+    return batch_size
+  try:
+    factor = float(factor)
+  except (TypeError, ValueError):
+    raise ValueError(f"pathway.eval_capacity_factor={factor!r} must be None (no drops) or "
+                     "a number > 0.") from None
+  return routing.capacity(k, batch_size, num_models, factor)
 
 
 # ------------------------------------------------------------------ the network
@@ -89,7 +142,8 @@ def check_config(config, num_models: int, k: int) -> None:
 
 @functools.lru_cache(maxsize=32)
 def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_classes: int,
-             weights: tuple[float, float, float, float], normalisation: str = "all"):
+             weights: tuple[float, float, float, float], normalisation: str = "all",
+             noise: str | float = "learned"):
   """forward(params, batch, rng) -> (loss, aux): the pathway of one configuration.
 
   `encoders[m]` maps (params, inputs [C, ...]) -> features [C, D_m] (a hub
@@ -101,8 +155,9 @@ def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_clas
   def forward(params, batch, rng):
     valid = batch["valid"].astype(jnp.float32)
     out = generator.apply(params["generator"], batch["gate_input"])
-    clean, raw = out[:, :num_models], out[:, num_models:]
-    noisy, noise_std = routing.noisy_logits(clean, raw, rng)
+    clean = out[:, :num_models]
+    std = routing.learned_noise_std(out[:, num_models:]) if noise == "learned" else noise
+    noisy, noise_std = routing.noisy_logits(clean, std, rng)
     gates, _ = routing.top_k_gates(noisy, k, normalisation)
     dispatch, combine, dropped = routing.dispatch(gates, slots, batch["valid"])
     probs = (1.0 - combine.sum((1, 2)))[:, None] / num_classes  # Dropped weight: uniform.
@@ -139,6 +194,19 @@ def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_clas
     _, aux, log_probs, routed = forward(params, batch, None)
     return log_probs, routed, aux["dropped"]
 
+  return loss_fn, predict
+
+
+def networks(config, encoders: tuple, generator: nn.Module, k: int, num_classes: int):
+  """(loss_fn with the training capacity, predict with the inference capacity) of a config."""
+  num_models = len(encoders)
+  w = config.loss_weights
+  weights = (float(w.task), float(w.importance), float(w.load), float(w.exploitation))
+  args = (weights, config.gate_normalisation, _noise(config, num_models))
+  slots = routing.capacity(k, int(config.batch_size), num_models, float(config.capacity_factor))
+  loss_fn, _ = _network(encoders, generator, k, slots, num_classes, *args)
+  _, predict = _network(encoders, generator, k, _eval_slots(config, k, num_models),
+                        num_classes, *args)
   return loss_fn, predict
 
 
@@ -215,10 +283,12 @@ def _standardise(train_inputs, other_inputs, gate_train, gate_other, frozen, gen
 # ------------------------------------------------------------------ training
 
 
-def _generator(config, num_models: int) -> nn.Module:
+def generator_of(config, num_models: int) -> nn.Module:
+  """Clean logits [B, M], then raw noise [B, M] when the noise is learned."""
+  outputs = num_models * (2 if _noise(config, num_models) == "learned" else 1)
   if config.generator == "thumbnail":
-    return routing.ThumbnailCNN(2 * num_models, tuple(config.generator_widths))
-  return routing.FeatureGate(2 * num_models)
+    return routing.ThumbnailCNN(outputs, tuple(config.generator_widths))
+  return routing.FeatureGate(outputs)
 
 
 def _init(generator, gate_example, encoders_params, dims, num_classes, seed):
@@ -228,55 +298,64 @@ def _init(generator, gate_example, encoders_params, dims, num_classes, seed):
           "encoders": encoders_params}
 
 
+def train_arrays(config, k: int, lr: float, steps: int, seed: int, mesh, encoders: tuple,
+                 encoder_params: list, encoder_trainable: list, dims: Sequence[int],
+                 num_classes: int, inputs: list, gate_input: np.ndarray, labels: np.ndarray,
+                 workdir: str | None = None, run_name: str | None = None):
+  """(trained params, predict) of a pathway on in-memory training arrays.
+
+  `inputs`: one array per model (cached features), or one image array shared
+  by every model; `encoder_trainable`: the trainer's mask of each encoder's params.
+  """
+  batch_size = int(config.batch_size)
+  sharding.check_divisible(batch_size, mesh)
+  generator = generator_of(config, len(encoders))
+  loss_fn, predict = networks(config, encoders, generator, k, num_classes)
+  params = _init(generator, gate_input, encoder_params, dims, num_classes, seed)
+
+  def batch_fn(step):
+    idx = np.random.default_rng((seed, step)).choice(len(labels), batch_size,
+                                                     replace=len(labels) < batch_size)
+    return {"inputs": [x[idx] for x in inputs], "gate_input": gate_input[idx],
+            "label": labels[idx], "valid": np.ones(batch_size, bool)}
+
+  opt = config.optimizer.to_dict()
+  opt.update(learning_rate=lr, total_steps=steps,
+             warmup_steps=int(round(config.warmup_fraction * steps)))
+  state = train.train(
+      loss_fn=loss_fn, params=params, batch_fn=batch_fn, config=opt, mesh=mesh,
+      num_steps=steps, workdir=workdir, seed=seed,
+      trainable={"generator": True, "heads": True, "encoders": encoder_trainable},
+      lr_multiplier={"generator": float(config.generator_lr_multiplier), "heads": 1.0,
+                     "encoders": float(config.backbone_lr_multiplier)},
+      run_name=run_name, checkpoint=False, progress=False)
+  return jax.device_get(state.params), predict
+
+
 def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, eval_splits):
   """Trains on `train_split`; logits, routing and drops on each of `eval_splits`."""
-  num_models = len(backbones)
-  batch_size = int(config.batch_size)
-  sharding.check_divisible(batch_size, ctx.mesh)
-  slots = routing.capacity(k, batch_size, num_models, float(config.capacity_factor))
   train_inputs, gate_train, train_labels = _inputs(ctx, task, backbones, train_split,
                                                    frozen, config)
   evals = [_inputs(ctx, task, backbones, s, frozen, config) for s in eval_splits]
   train_inputs, eval_inputs, gate_train, eval_gates = _standardise(
       train_inputs, [e[0] for e in evals], gate_train, [e[1] for e in evals], frozen,
       config.generator)
-  encoders = tuple(_identity if frozen else _hub_encoder(b) for b in backbones)
-  dims = [b.feature_dim for b in backbones]
-  generator = _generator(config, num_models)
-  w = config.loss_weights
-  loss_fn, predict = _network(encoders, generator, k, slots, task.num_classes,
-                              (float(w.task), float(w.importance), float(w.load),
-                               float(w.exploitation)), config.gate_normalisation)
-  params = _init(generator, gate_train, [{} if frozen else b.params for b in backbones],
-                 dims, task.num_classes, seed)
-  def batch_fn(step):
-    idx = np.random.default_rng((seed, step)).choice(len(train_labels), batch_size,
-                                                     replace=len(train_labels) < batch_size)
-    return {"inputs": [x[idx] for x in train_inputs], "gate_input": gate_train[idx],
-            "label": train_labels[idx], "valid": np.ones(batch_size, bool)}
-
-  opt = config.optimizer.to_dict()
-  opt.update(learning_rate=lr, total_steps=steps,
-             warmup_steps=int(round(config.warmup_fraction * steps)))
-  trainable = {"generator": True, "heads": True,
-               "encoders": [{} if frozen else {c: c == "params" for c in b.params}
-                            for b in backbones]}
-  state = train.train(
-      loss_fn=loss_fn, params=params, batch_fn=batch_fn, config=opt, mesh=ctx.mesh,
-      num_steps=steps, workdir=ctx.workdir, seed=seed, trainable=trainable,
-      lr_multiplier={"generator": 1.0, "heads": 1.0,
-                     "encoders": float(config.backbone_lr_multiplier)},
+  params, predict = train_arrays(
+      config, k, lr, steps, seed, ctx.mesh,
+      encoders=tuple(_identity if frozen else _hub_encoder(b) for b in backbones),
+      encoder_params=[{} if frozen else b.params for b in backbones],
+      encoder_trainable=[{} if frozen else {c: c == "params" for c in b.params}
+                         for b in backbones],
+      dims=[b.feature_dim for b in backbones], num_classes=task.num_classes,
+      inputs=train_inputs, gate_input=gate_train, labels=train_labels, workdir=ctx.workdir,
       run_name=f"pathway/{task.name}/k={k}{'/frozen' if frozen else ''}/{train_split}/"
-               f"lr={lr:g}", checkpoint=False, progress=False)
-  params = jax.device_get(state.params)
+               f"lr={lr:g}")
   jitted = jax.jit(predict)
-  outputs = []
-  for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals):
-    outputs.append(_predict_all(jitted, params, inputs, gates_in, labels, batch_size))
-  return outputs
+  return [predict_all(jitted, params, inputs, gates_in, labels, int(config.batch_size))
+          for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals)]
 
 
-def _predict_all(jitted, params, inputs, gate_input, labels, batch_size):
+def predict_all(jitted, params, inputs, gate_input, labels, batch_size):
   """(log-probs [N, K], routed [N, M] 0/1, dropped routings) over a split, padded batches."""
   n = len(labels)
   log_probs, routed, dropped = [], [], 0.0
@@ -294,7 +373,7 @@ def _predict_all(jitted, params, inputs, gate_input, labels, batch_size):
 
 
 def _generator_gflops(config, gate_input, num_models) -> float:
-  generator = _generator(config, num_models)
+  generator = generator_of(config, num_models)
   params = generator.init(jax.random.PRNGKey(0), gate_input[:1])
   compiled = jax.jit(generator.apply).lower(params, gate_input[:1]).compile()
   return hub._flops(compiled.cost_analysis()) / 1e9
@@ -340,7 +419,8 @@ def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
               "test_dropped": dropped, "routing_matrix": routing_matrix,
               "routing_models": [b.name for b in backbones],
               "capacity": routing.capacity(k, int(config.batch_size), len(backbones),
-                                           float(config.capacity_factor))})
+                                           float(config.capacity_factor)),
+              "eval_capacity": _eval_slots(config, k, len(backbones))})
 
 
 def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
