@@ -644,6 +644,10 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
     return state
   step_fn = _compiled_step(loss_fn, cfg.static(), _Hashable(mask), _Hashable(multipliers),
                            _Hashable(state_shardings), mesh)
+  # jaxlib 0.9.2's CPU runtime can deadlock with several multi-device steps in
+  # flight (seen: 7 of 8 simulated devices waiting in a step's all-reduce, the
+  # launcher blocked before the 8th): on a multi-device CPU mesh, one at a time.
+  one_at_a_time = mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
   main_process = jax.process_index() == 0
   metrics_path = None
   if main_process and (workdir or os.path.isabs(metrics_file)):
@@ -665,6 +669,8 @@ def _loop(state: TrainState, *, loss_fn, batch_fn, cfg, mesh, num_steps, mask,
   try:
     for step in range(start, num_steps):
       state, metrics = step_fn(state, _put_batch(batch_fn(step), mesh))
+      if one_at_a_time:
+        jax.block_until_ready(metrics)
       pending.append(metrics)
       bar.update(1)
       done = step + 1
