@@ -162,7 +162,7 @@ def test_help_lists_jobs_configs_and_their_arguments():
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
   for part in (*main.JOBS, "configs/demo.py", "configs/vtab1k.py", "configs/build_hub.py",
-               "tasks=digits+house_numbers+", "models=vit_b16_in21k+", "full=false",
+               "tasks=digits+house_numbers+", "models=vit_b16+beit_b16+", "full=false",
                "models+=", "--print_config", "--workdir", "-v 1"):
     assert part in out, part
 
@@ -174,7 +174,7 @@ def test_print_config_and_arguments_of_a_config():
   for part in ("name: a", "path: /m/a", "name: b", "path: org/b", "seed: 3", "offline_hub:"):
     assert part in result.stdout, part
   result = _cli("--config", "configs/vtab1k.py:help")
-  assert result.returncode == 0 and "models=vit_b16_in21k+" in result.stdout
+  assert result.returncode == 0 and "models=vit_b16+beit_b16+" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
