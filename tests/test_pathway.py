@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fusion import main
+from fusion import methods
 from fusion import routing
 from fusion import sharding
 from fusion import train
@@ -234,3 +235,15 @@ def test_default_router_sends_each_input_to_its_useful_model_and_drops_nothing()
     assert routed[test_domain == m, m].mean() > 0.8, routed[test_domain == m].mean(0)
   # One model alone is at chance on half the inputs (75% at best); routing beats it.
   assert (log_probs.argmax(1) == test_y).mean() > 0.85
+
+
+def test_k_against_the_hub_is_checked_before_any_unit():
+  config = pathway.default_config()
+  config.k = 4
+  three = [None] * 3  # Only the hub's size counts.
+  for name in ("pathway", "pathway_frozen"):
+    with pytest.raises(ValueError, match=r"1 <= k <= M = 3 models; got k=4"):
+      methods.get(name).check_hub(config, three)
+  methods.get("pathway_k1").check_hub(config, three)  # k = 1 whatever config.k says.
+  with pytest.raises(ValueError, match="needs at least 2; got 1"):
+    methods.get("pathway_k1").check_hub(config, [None])

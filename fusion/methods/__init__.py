@@ -57,10 +57,11 @@ class Method:
 
   @classmethod
   def of(cls, name: str, module: ModuleType, fit_predict=None,
-         config_key: str = "") -> "Method":
+         config_key: str = "", check_hub=None) -> "Method":
     return cls(name, fit_predict or module.fit_predict, module.default_config,
                module.MEMBERS, getattr(module, "VERSION", 1), config_key,
-               tuple(getattr(module, "USES", ())), getattr(module, "check_hub", None))
+               tuple(getattr(module, "USES", ())),
+               check_hub or getattr(module, "check_hub", None))
 
 
 METHODS: dict[str, Method] = {
@@ -77,7 +78,8 @@ METHODS: dict[str, Method] = {
     "uniform_soup": Method.of("uniform_soup", soup, soup.fit_uniform, "ensemble"),
     "greedy_soup": Method.of("greedy_soup", soup, config_key="ensemble"),
     "pathway": Method.of("pathway", pathway),
-    "pathway_k1": Method.of("pathway_k1", pathway, pathway.fit_k1, "pathway"),
+    "pathway_k1": Method.of("pathway_k1", pathway, pathway.fit_k1, "pathway",
+                            pathway.check_hub_k1),
     "pathway_frozen": Method.of("pathway_frozen", pathway, pathway.fit_frozen, "pathway"),
     "best_probe": Method("best_probe", hub_baselines.best_probe, hub_baselines.probes_config,
                          "hub"),

@@ -83,6 +83,15 @@ def default_config() -> ml_collections.ConfigDict:
   })
 
 
+def check_hub(config, backbones) -> None:
+  """`pathway` and `pathway_frozen` (k = config.k) against the loaded hub."""
+  check_config(config, len(backbones), int(config.k))
+
+
+def check_hub_k1(config, backbones) -> None:
+  check_config(config, len(backbones), 1)
+
+
 def check_config(config, num_models: int, k: int) -> None:
   if num_models < 2:
     raise ValueError(f"Hub-Pathway routes between hub models and needs at least 2; got "
