@@ -5,8 +5,8 @@ generates the offline mini-VTAB tasks, runs the suite of methods on every
 task (every unit cached: a second run recomputes nothing) and ranks the hub
 by every transferability estimator against the linear probes. No network, no
 GPU. To fit 25 minutes on 2 CPU cores, the fine-tuning methods run on 2 of
-the 8 tasks (FINETUNE_TASKS) with a 2-point sweep: they cost about 6 minutes
-a task here, the feature methods and rankings under 2; `:full` runs them on
+the 8 tasks (FINETUNE_TASKS) with a 2-point sweep: they cost about 5 minutes
+a task here, the feature methods and rankings about 1; `:full` runs them on
 every task with the larger sweep, plus `greedy_all`. Subsets with the arg, e.g.
   python -m fusion.main --config configs/demo.py:tasks=digits+mixed --workdir /tmp/demo
   python -m fusion.main --config configs/demo.py:methods=nearest_centroid --workdir /tmp/nc
