@@ -1,6 +1,8 @@
 """Test-wide set-up: 8 simulated CPU devices, set before jax is imported."""
 import os
 
+import pytest
+
 # The simulated devices meet in collectives; on a loaded machine one can wait
 # past XLA's default 40 s rendezvous limit, which aborts the process.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -12,3 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+  """A fresh $FUSION_HOME for one test module (its caches shared by its tests)."""
+  path = str(tmp_path_factory.mktemp("home"))
+  os.environ["FUSION_HOME"] = path  # Module scope: monkeypatch is per test.
+  yield path
+  del os.environ["FUSION_HOME"]

@@ -39,14 +39,6 @@ def write_images(root, count: int, size: int = 16) -> str:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("home"))
-  os.environ["FUSION_HOME"] = path  # Module scope: monkeypatch is per test.
-  yield path
-  del os.environ["FUSION_HOME"]
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   return write_images(tmp_path_factory.mktemp("images") / "colours", 1050)
 

@@ -40,14 +40,6 @@ def _small(config, **overrides):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("home"))
-  os.environ["FUSION_HOME"] = path  # Module scope: monkeypatch is per test.
-  yield path
-  del os.environ["FUSION_HOME"]
-
-
-@pytest.fixture(scope="module")
 def ctx(home, tmp_path_factory):
   root = tmp_path_factory.mktemp("models")
   specs = [{"name": a, "path": tiny_models.save_tiny(a, root / a)} for a in ("vit", "resnet")]

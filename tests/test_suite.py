@@ -44,14 +44,6 @@ def hub_specs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("home"))
-  os.environ["FUSION_HOME"] = path  # Module scope: monkeypatch is per test.
-  yield path
-  del os.environ["FUSION_HOME"]
-
-
-@pytest.fixture(scope="module")
 def first_run(hub_specs, home, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("work"))
   markdown = main.run(_suite_config(hub_specs), workdir)
