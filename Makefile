@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
+# Test modules run in this many processes (pytest-xdist; a module's tests stay in
+# one, sharing its fixtures). One process keeps only about 1.5 of 2 CPU cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -22,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m fusion.main --config configs/demo.py --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/extract.py

@@ -30,8 +30,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # nbclient, nbformat, ipykernel: the tests execute colabs/quickstart.ipynb headless.
-    "test": ["pytest>=8", "hypothesis>=6.100", "nbclient>=0.10,<1", "nbformat>=5.10,<6",
-             "ipykernel>=6.29,<8"],
+    # pytest-xdist: `make test` runs the test modules in two processes.
+    "test": ["pytest>=8", "pytest-xdist>=3.6,<4", "hypothesis>=6.100", "nbclient>=0.10,<1",
+             "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     "bench": ["psutil>=5.9"],
 }
 
