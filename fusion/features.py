@@ -51,7 +51,7 @@ def _run(backbone: hub.Backbone, batches: Iterable[Mapping[str, Any]],
          mesh: jax.sharding.Mesh, total: int | None, desc: str,
          params: Any = None) -> dict[str, np.ndarray]:
   """Features (and any other batch entries) of the unmasked examples."""
-  fn = _features_fn(backbone, mesh)
+  fn = _features_fn(hub.computation_twin(backbone), mesh)  # Shared by one architecture.
   params = sharding.replicate(backbone.params if params is None else params, mesh)
   chunks: dict[str, list[np.ndarray]] = {}
   pending = None

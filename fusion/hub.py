@@ -206,6 +206,45 @@ class CLIPVisionTower(nn.Module):
     return pooled
 
 
+# Metadata of an HF config that the forward pass does not read.
+_CONFIG_METADATA = ("_name_or_path", "architectures", "transformers_version", "id2label",
+                    "label2id", "finetuning_task", "_commit_hash")
+
+
+def _module_settings(module: nn.Module) -> str:
+  """The settings of a linen module that define its computation, as text."""
+  settings = {}
+  for field in dataclasses.fields(module):
+    if field.name in ("parent", "name"):
+      continue
+    value = getattr(module, field.name)
+    if hasattr(value, "to_dict"):  # An HF config.
+      value = {k: v for k, v in value.to_dict().items() if k not in _CONFIG_METADATA}
+    settings[field.name] = value
+  return f"{type(module).__module__}.{type(module).__qualname__}:" + json.dumps(
+      settings, sort_keys=True, default=repr)
+
+
+_TWINS: dict[tuple, "Backbone"] = {}
+
+
+def computation_twin(backbone: Backbone) -> Backbone:
+  """A weightless Backbone with the same forward pass as `backbone`.
+
+  Every checkpoint of one architecture and size (seeds of one model, a hub's
+  ResNets) gets the same twin, so functions compiled per backbone (features,
+  fine-tuning steps) are compiled once for all of them: they take the
+  weights as an argument.
+  """
+  key = (_module_settings(backbone.module), backbone.kind, backbone.architecture,
+         backbone.feature_dim)
+  if key not in _TWINS:
+    _TWINS[key] = dataclasses.replace(
+        backbone, name=f"{backbone.architecture} ({backbone.feature_dim}-d)", params=None,
+        source=f"computation of {backbone.name}", tokenizer=None, source_head=None)
+  return _TWINS[key]
+
+
 def _mean_over_tokens(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   mask = mask.astype(hidden.dtype)[..., None]
   # Clamp as sentence-transformers does; all-padding rows give zeros.

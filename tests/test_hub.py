@@ -139,6 +139,25 @@ def test_features_train_drops_out_with_rng(arch, tiny_dir, images):
   assert np.abs(a - eval_feats).max() > 1e-3
 
 
+def test_checkpoints_of_one_architecture_share_compiled_features(tmp_path, images):
+  """Seeds of one architecture share a computation twin, so one compiled forward;
+  each still gets its own weights' features. Another depth gets another twin."""
+  from fusion import features
+  seeds = [hub.load({"name": f"seed{i}",
+                     "path": tiny_models.save_tiny("resnet", tmp_path / f"s{i}", seed=i)})
+           for i in range(2)]
+  deeper = hub.load({"name": "deeper", "path": tiny_models.save_tiny(  # Same feature_dim.
+      "resnet", tmp_path / "d", depths=[2, 1])})
+  assert hub.computation_twin(seeds[0]) is hub.computation_twin(seeds[1])
+  assert hub.computation_twin(deeper) is not hub.computation_twin(seeds[0])
+  assert hub.computation_twin(seeds[0]).params is None  # Holds no weights.
+  for b in seeds + [deeper]:
+    got = features.extract_array(b, images, batch_size=8)
+    np.testing.assert_allclose(got, b.features(b.params, images), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(features.extract_array(seeds[0], images, batch_size=8),
+                         features.extract_array(seeds[1], images, batch_size=8))
+
+
 def test_features_compose_with_grad(tiny_dir, images):
   backbone = hub.load(tiny_dir("vit"))
   grads = jax.jit(jax.grad(lambda p: backbone.features(p, images[:2]).sum()))(backbone.params)

@@ -132,8 +132,9 @@ def trainable_mask(variables: Mapping[str, Any], mode: str, last_n: int = 1) -> 
 def _loss_fn(backbone: hub.Backbone):
   """Cross-entropy of the linear head on the backbone's training-mode features.
 
-  One function per backbone, so the trainer compiles one step per backbone
-  and head shape, shared by every run of the sweep.
+  One function per computation twin (hub.computation_twin), so the trainer
+  compiles one step per architecture and head shape, shared by every run of
+  the sweep and every checkpoint of that architecture.
   """
   def loss_fn(params, batch, rng):
     feats, new_backbone = backbone.features_train(params["backbone"], batch["image"], rng)
@@ -226,7 +227,7 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
   checkpoint_dir = (train.default_checkpoint_dir(ctx.workdir, f"{name}/{key}")
                     if ctx.workdir and key else None)
   state = train.train(
-      loss_fn=_loss_fn(backbone), params=init_params, batch_fn=batch_fn, config=opt,
+      loss_fn=_loss_fn(hub.computation_twin(backbone)), params=init_params, batch_fn=batch_fn, config=opt,
       mesh=ctx.mesh, num_steps=run.steps, workdir=ctx.workdir, seed=seed, trainable=mask,
       lr_multiplier={"backbone": float(config.backbone_lr_multiplier), "head": 1.0},
       run_name=name, checkpoint=checkpoint_dir is not None, checkpoint_dir=checkpoint_dir,

@@ -223,11 +223,12 @@ def _hub_encoder(backbone: hub.Backbone):
   """params, images in [0, 1] -> features, in inference mode (see the module docstring)."""
   mean = np.asarray(backbone.preprocess.mean, np.float32)
   std = np.asarray(backbone.preprocess.std, np.float32)
-  return _HubEncoder(backbone, mean.tobytes(), std.tobytes())
+  return _HubEncoder(hub.computation_twin(backbone), mean.tobytes(), std.tobytes())
 
 
 class _HubEncoder:
-  """A hashable (per backbone) encoder, so compiled networks are reused."""
+  """A hashable encoder (per computation twin and normalisation), so compiled networks
+  are reused."""
 
   def __init__(self, backbone, mean, std):
     self.backbone, self.key = backbone, (id(backbone), mean, std)

@@ -222,7 +222,7 @@ def reestimate_batch_stats(backbone: hub.Backbone, variables: Mapping[str, Any],
   """
   if "batch_stats" not in variables:
     return dict(variables)
-  fn = _batch_stats_fn(backbone)
+  fn = _batch_stats_fn(hub.computation_twin(backbone))
   zeros = jax.tree.map(lambda x: jnp.zeros_like(jnp.asarray(x)), variables["batch_stats"])
   ones = jax.tree.map(jnp.ones_like, zeros)
   from_zeros = {**variables, "batch_stats": zeros}
