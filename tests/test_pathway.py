@@ -179,6 +179,43 @@ def test_inference_capacity_defaults_to_the_whole_batch():
   assert pathway._eval_slots(config, 1, 11) == routing.capacity(1, 64, 11, 2.0) == 12
 
 
+@pytest.mark.parametrize("k, normalisation", [(1, "all"), (2, "all"), (2, "top_k")])
+def test_sparse_inference_equals_whole_batch_buffers_and_runs_k_models(
+    k, normalisation, monkeypatch):
+  """predict_sparse gives the buffered predict's output with buffers of the whole
+  batch, and runs each model on exactly the inputs routed to it."""
+  rng = np.random.default_rng(5)
+  n = 2 * B + 5  # Not a multiple of the batch: the last batch is padded.
+  config = pathway.default_config()
+  config.generator, config.batch_size, config.gate_normalisation = "feature", B, normalisation
+  encoders = tuple(pathway._identity for _ in DIMS)
+  generator = pathway.generator_of(config, M)
+  _, predict = pathway._network(encoders, generator, k, B, K, (1.0, 0.0, 0.0, 1.0),
+                                normalisation)
+  batch = _batch(rng, n)
+  params = _params(generator, batch, rng)
+  dense = pathway.predict_all(jax.jit(predict), params, batch["inputs"],
+                              batch["gate_input"], batch["label"], B)
+  rows_run = {m: 0 for m in range(M)}
+  real_expert = pathway._expert
+
+  def counting_expert(encode):
+    fn = real_expert(encode)
+    def run(enc_params, head, x):
+      m = next(i for i, h in enumerate(params["heads"]) if h is head)
+      rows_run[m] += len(x)
+      return fn(enc_params, head, x)
+    return run
+  monkeypatch.setattr(pathway, "_expert", counting_expert)
+  log_probs, routed, dropped, labels = pathway.predict_sparse(
+      config, encoders, k, K, params, batch["inputs"], batch["gate_input"], batch["label"], B)
+  np.testing.assert_allclose(np.exp(log_probs), np.exp(dense[0]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(routed, dense[1])
+  assert dropped == dense[2] == 0 and np.all(routed.sum(1) == k)
+  for m in range(M):  # Its routed inputs, padded to whole batches; no other input.
+    assert rows_run[m] == -(-int(routed[:, m].sum()) // B) * B
+
+
 def test_pathway_runs_through_the_suite(tmp_path, monkeypatch):
   monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home"))
   specs = [{"name": a, "path": tiny_models.save_tiny(a, tmp_path / a)}

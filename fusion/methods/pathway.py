@@ -13,9 +13,10 @@ V-MoE (`fusion.routing`):
   ceil(k * B * capacity_factor / M) slots (batch order; the overflow is dropped
   and counted, its gate weight falls back to a uniform prediction), so an input
   runs through its k models only, at training and at inference; at inference
-  the buffers hold the whole batch unless `eval_capacity_factor` is set, so no
-  input is dropped there (a router that prefers a few models for every input
-  would otherwise lose most of the test set to overflow);
+  there are no buffers unless `eval_capacity_factor` is set: the generator
+  routes the split, then each model runs on its own inputs (`predict_sparse`),
+  so no input is dropped there (a router that prefers a few models for every
+  input would otherwise lose most of the test set to overflow);
 - each model has its own linear head; the output is the gate-weighted sum of
   the activated models' head probabilities;
 - losses: cross-entropy of that output (task), the importance and load CV^2
@@ -54,9 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "k": 2,
       "capacity_factor": 1.25,
-      # At inference (val200, test): None gives every model a buffer of the whole
-      # batch, so no input is ever dropped; a number: ceil(k B f / M) slots, as in
-      # training. Drops are counted either way.
+      # At inference (val200, test): None: no buffers, each model runs on exactly
+      # the inputs routed to it (predict_sparse), so none is dropped; a number:
+      # ceil(k B f / M) slots, as in training, drops counted.
       "eval_capacity_factor": None,
       # "all": gate weights are the softmax over all M models, kept at the top k
       # (V-MoE; the router learns from the task loss even at k = 1); "top_k":
@@ -350,9 +351,9 @@ def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, 
   train_inputs, eval_inputs, gate_train, eval_gates = _standardise(
       train_inputs, [e[0] for e in evals], gate_train, [e[1] for e in evals], frozen,
       config.generator)
+  encoders = tuple(_identity if frozen else _hub_encoder(b) for b in backbones)
   params, predict = train_arrays(
-      config, k, lr, steps, seed, ctx.mesh,
-      encoders=tuple(_identity if frozen else _hub_encoder(b) for b in backbones),
+      config, k, lr, steps, seed, ctx.mesh, encoders=encoders,
       encoder_params=[{} if frozen else b.params for b in backbones],
       encoder_trainable=[{} if frozen else {c: c == "params" for c in b.params}
                          for b in backbones],
@@ -360,8 +361,13 @@ def _fit(ctx, task, backbones, config, k, frozen, lr, steps, seed, train_split, 
       inputs=train_inputs, gate_input=gate_train, labels=train_labels, workdir=ctx.workdir,
       run_name=f"pathway/{task.name}/k={k}{'/frozen' if frozen else ''}/{train_split}/"
                f"lr={lr:g}")
+  batch_size = int(config.batch_size)
+  if config.get("eval_capacity_factor") is None:  # No buffers: k models per input.
+    return [predict_sparse(config, encoders, k, task.num_classes, params, inputs, gates_in,
+                           labels, batch_size)
+            for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals)]
   jitted = jax.jit(predict)
-  return [predict_all(jitted, params, inputs, gates_in, labels, int(config.batch_size))
+  return [predict_all(jitted, params, inputs, gates_in, labels, batch_size)
           for inputs, gates_in, (_, _, labels) in zip(eval_inputs, eval_gates, evals)]
 
 
@@ -380,6 +386,62 @@ def predict_all(jitted, params, inputs, gate_input, labels, batch_size):
     routed.append(np.asarray(r)[valid])
     dropped += float(d)
   return np.concatenate(log_probs), np.concatenate(routed), int(dropped), labels
+
+
+@functools.lru_cache(maxsize=32)
+def _router(generator: nn.Module, num_models: int, k: int, normalisation: str):
+  """(generator params, gate inputs) -> (gates [B, M], top-k index [B, k]), noise off."""
+  def route(params, gate_input):
+    clean = generator.apply(params, gate_input)[:, :num_models]
+    return routing.top_k_gates(clean, k, normalisation)
+  return jax.jit(route)
+
+
+@functools.lru_cache(maxsize=64)
+def _expert(encode):
+  """(encoder params, head, inputs) -> the head's probabilities on one model's features."""
+  return jax.jit(lambda params, head, x: jax.nn.softmax(
+      linear_probe.head_logits(head, encode(params, x))))
+
+
+def _in_batches(fn, x: np.ndarray, batch_size: int):
+  """fn over the rows of x in batches padded to `batch_size` (one compiled shape)."""
+  n, outs = len(x), []
+  for start in range(0, n, batch_size):
+    out = fn(x[np.minimum(np.arange(start, start + batch_size), n - 1)])
+    outs.append(jax.tree.map(lambda o: np.asarray(o)[:min(batch_size, n - start)], out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def predict_sparse(config, encoders: tuple, k: int, num_classes: int, params, inputs,
+                   gate_input, labels, batch_size: int):
+  """(log-probs [N, K], routed [N, M] 0/1, dropped = 0, labels) of a split, each input
+  run through its k chosen models only.
+
+  The generator routes the split; then each model runs on just the inputs routed
+  to it, in padded batches: no buffer, so nothing is dropped, and the compute is
+  k models per input. It equals the buffered `predict` with buffers of the whole
+  batch (`eval_capacity_factor=None`), which runs every model on every input.
+  """
+  num_models = len(encoders)
+  route = _router(generator_of(config, num_models), num_models, k, config.gate_normalisation)
+  gates, index = _in_batches(lambda g: route(params["generator"], g), gate_input, batch_size)
+  gates = gates.astype(np.float64)
+  # The weight of no model goes to a uniform prediction, as in the buffered path.
+  probs = np.repeat((1.0 - gates.sum(1, keepdims=True)) / num_classes, num_classes, 1)
+  routed = np.zeros_like(gates)
+  for m, encode in enumerate(encoders):
+    rows = np.flatnonzero((index == m).any(1))
+    if not len(rows):
+      continue
+    x = inputs[0 if len(inputs) == 1 else m][rows]
+    expert = _expert(encode)
+    p_m = _in_batches(lambda xb: expert(params["encoders"][m], params["heads"][m], xb), x,
+                      batch_size)
+    probs[rows] += gates[rows, m, None] * p_m
+    routed[rows, m] = 1.0
+  return (np.log(np.maximum(probs, 1e-30)).astype(np.float32), routed.astype(np.float32),
+          0, labels)
 
 
 def _generator_gflops(config, gate_input, num_models) -> float:
