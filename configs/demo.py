@@ -66,6 +66,10 @@ def get_config(arg=None):
   config.uniform_probe_avg.probe = config.linear_probe
   config.finetune.learning_rates = (0.01, 0.03, 0.1) if arg.full else (0.01, 0.05)
   config.finetune.steps = (300,) if arg.full else (120,)
+  # Hub-Pathway routes between the hub's eight distinct models (M = 8): the
+  # extra resnet_glyphs seeds, the shift method's source ensemble, would add
+  # encoders to every step, not different choices.
+  config.pathway.exclude_models = tuple(config.shift.members[1:])
   # The ranking evaluation needs the linear probes as ground truth.
   config.select = (select_job.default_config() if "linear_probe" in config.methods
                    else None)

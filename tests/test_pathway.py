@@ -284,3 +284,18 @@ def test_k_against_the_hub_is_checked_before_any_unit():
   methods.get("pathway_k1").check_hub(config, three)  # k = 1 whatever config.k says.
   with pytest.raises(ValueError, match="needs at least 2; got 1"):
     methods.get("pathway_k1").check_hub(config, [None])
+
+
+def test_models_narrow_the_routed_hub_and_bad_names_are_named():
+  from types import SimpleNamespace
+  hub_models = [SimpleNamespace(name=n) for n in ("a", "b", "c", "d")]
+  config = pathway.default_config()
+  assert pathway.routed_models(config, hub_models) == hub_models  # (): the whole hub.
+  config.exclude_models = ("c", "a")
+  assert [b.name for b in pathway.routed_models(config, hub_models)] == ["b", "d"]
+  config.k = 3  # Against the 2 routed models, not the hub's 4.
+  with pytest.raises(ValueError, match=r"1 <= k <= M = 2 models; got k=3"):
+    methods.get("pathway").check_hub(config, hub_models)
+  config.exclude_models = ("b", "nope")
+  with pytest.raises(ValueError, match=r"exclude_models names \['nope'\], which are not in"):
+    methods.get("pathway_k1").check_hub(config, hub_models)

@@ -54,6 +54,8 @@ GENERATORS = ("thumbnail",)  # Or the name of a hub model: a gate on its feature
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "k": 2,
+      # Hub models it does not route through (names); (): every model of the hub.
+      "exclude_models": (),
       "capacity_factor": 1.25,
       # At inference (val200, test): None: no buffers, each model runs on exactly
       # the inputs routed to it (predict_sparse), so none is dropped; a number:
@@ -84,13 +86,28 @@ def default_config() -> ml_collections.ConfigDict:
   })
 
 
+def routed_models(config, backbones: Sequence[hub.Backbone]) -> list[hub.Backbone]:
+  """The hub models it routes between: the hub but `config.exclude_models`."""
+  names = config.get("exclude_models") or ()
+  if isinstance(names, str):
+    raise ValueError(f"pathway.exclude_models={names!r} must be a list of model names.")
+  if not names:
+    return list(backbones)
+  hub_names = [b.name for b in backbones]
+  unknown = sorted(set(names) - set(hub_names))
+  if unknown:
+    raise ValueError(f"pathway.exclude_models names {unknown}, which are not in the hub; "
+                     f"its models: {hub_names}.")
+  return [b for b in backbones if b.name not in set(names)]
+
+
 def check_hub(config, backbones) -> None:
   """`pathway` and `pathway_frozen` (k = config.k) against the loaded hub."""
-  check_config(config, len(backbones), int(config.k))
+  check_config(config, len(routed_models(config, backbones)), int(config.k))
 
 
 def check_hub_k1(config, backbones) -> None:
-  check_config(config, len(backbones), 1)
+  check_config(config, len(routed_models(config, backbones)), 1)
 
 
 def check_config(config, num_models: int, k: int) -> None:
@@ -453,6 +470,7 @@ def _generator_gflops(config, gate_input, num_models) -> float:
 
 def run(ctx, task, backbones: Sequence[hub.Backbone], config, seed: int, k: int,
         frozen: bool) -> predictions.Result:
+  backbones = routed_models(config, backbones)
   check_config(config, len(backbones), k)
   if config.generator != "thumbnail":
     ctx.backbone(config.generator)  # Unknown names fail here.
