@@ -102,6 +102,7 @@ def get_config(arg=None):
   config.model_gflops = {n: GFLOPS[n] for n in arg.models}
   config.batch_size = 256  # Feature extraction, global over the mesh.
   config.num_devices = 0  # 0: every local device.
+  config.workers = 1  # One process: it has the accelerator to itself (2+ on CPU only).
   config.cache_dir = ""  # "": $FUSION_HOME/features.
   config.predictions_dir = ""  # "": $FUSION_HOME/predictions.
   config.data_dir = ""  # TFDS data ("": $TFDS_DATA_DIR, else ~/tensorflow_datasets).

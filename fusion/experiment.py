@@ -38,7 +38,7 @@ def load_hub(config) -> list[hub.Backbone]:
   specs = list(config.get("hub") or [])
   if config.get("offline_hub") is not None:
     from fusion import offline_hub  # Builds the embedded default hub when missing.
-    specs += offline_hub.build(config.offline_hub)
+    specs += offline_hub.build(config.offline_hub, workers=config.get("workers") or 1)
   if not specs:
     raise ValueError("The config names no models: give `hub` (HF ids or local "
                      "directories) or `offline_hub` (configs/demo.py has one).")

@@ -22,6 +22,7 @@ import fusion  # Also sets USE_TF=0 before transformers is imported.
 from fusion import config_lib
 from fusion import io
 from fusion import provenance
+from fusion import workers
 from ml_collections import config_flags
 
 # Job name -> module with `run(config, workdir) -> str` (the results markdown).
@@ -73,6 +74,8 @@ def validate(config) -> None:
                      "local device).")
   if config.get("batch_size") is not None and int(config.batch_size) < 1:
     raise ValueError(f"config.batch_size={config.batch_size} must be >= 1.")
+  if config.get("workers") is not None:
+    workers.check(config.workers)
   if hasattr(module, "check_config"):
     module.check_config(config)
 

@@ -66,6 +66,13 @@ def run(config) -> Iterator[Run]:
     _CURRENT.reset(token)
 
 
+def join_run(run_id: str | None) -> None:
+  """Makes this process continue the run `run_id` of the process that started it
+  (a worker of `fusion.workers`): its metrics.jsonl lines carry that id."""
+  if run_id is not None:
+    _CURRENT.set(Run(run_id, _now(), None))
+
+
 def run_id() -> str | None:
   """The current run's id; None outside a run."""
   current = _CURRENT.get()

@@ -6,10 +6,16 @@ when done; a restarted suite skips the units whose rows are there. From all
 rows: results.json, results.md and plots/. With `config.select`, the ranking
 evaluation of the select job runs on top, with the linear probes as ground
 truth. `job = "linear_probe"` is the suite of that one method.
+
+With `config.workers` > 1, the tasks' units (and rankings) are first computed
+in that many processes, a task per job (`warm_caches`); the sequential pass
+then finds every one cached and writes the same outputs as with one process.
 """
+import copy
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 
 import tqdm
@@ -17,7 +23,9 @@ import tqdm
 from fusion import experiment
 from fusion import io
 from fusion import methods
+from fusion import predictions
 from fusion import report
+from fusion import workers as workers_lib
 
 ROWS = "rows.jsonl"
 
@@ -72,12 +80,17 @@ def runs_on(config, name: str, task) -> bool:
   return subset is None or task.name in subset
 
 
+def plan_units(config, names: Sequence[str], task_list, backbones) -> list[tuple]:
+  """(method, task, members) of every unit, in plan order: task by task."""
+  return [(name, task, members) for task in task_list for name in names
+          if runs_on(config, name, task)
+          for members in methods.member_groups(methods.get(name), backbones)]
+
+
 def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
               workdir: str) -> list[dict]:
   """Rows of every (method, task, members) unit, in plan order; resumable."""
-  plan = [(name, task, members) for task in task_list for name in names
-          if runs_on(ctx.config, name, task)
-          for members in methods.member_groups(methods.get(name), ctx.backbones)]
+  plan = plan_units(ctx.config, names, task_list, ctx.backbones)
   done = read_rows(workdir)
   rows = []
   bar = tqdm.tqdm(plan, desc="suite", unit="unit")
@@ -94,6 +107,98 @@ def run_units(ctx: experiment.Context, names: Sequence[str], task_list,
     rows.append(row)
   bar.close()
   return rows
+
+
+# ------------------------------------------------------------ worker processes
+
+
+def _ranks(ctx: experiment.Context) -> bool:
+  """Whether the suite ranks the hub (`evaluate` needs at least 2 models: it says so)."""
+  return ctx.config.get("select") is not None and len(ctx.backbones) >= 2
+
+
+def _needs_work(ctx, names, task, done: dict) -> bool:
+  """Whether a unit of `task` is neither in rows.jsonl nor cached, or its ranking is not."""
+  cache = predictions.Cache(ctx.config.get("predictions_dir") or None)
+  for name, _, members in plan_units(ctx.config, names, [task], ctx.backbones):
+    key = methods.unit_key(ctx, name, task, members)
+    if key not in done and cache.load(key) is None:
+      return True
+  if _ranks(ctx):
+    from fusion.selection import job as select_job
+    return select_job.cached_rankings(ctx, task) is None
+  return False
+
+
+def _narrowed_units(config, names, task, backbones) -> int:
+  """Units on `task` of the methods `config.method_tasks` narrows (the fine-tuning
+  ones, minutes each on a CPU): the tasks with more go to the workers first."""
+  narrowed = set(config.get("method_tasks") or {})
+  return sum(1 for name, _, _ in plan_units(config, names, [task], backbones)
+             if name in narrowed)
+
+
+def _registry(names: Sequence[str]) -> dict[str, methods.Method]:
+  """The config's methods (and those they use) as registered in this process, a
+  method registered at runtime included: the workers' fresh registry may lack them."""
+  wanted = set(names) | {used for name in names for used in methods.get(name).uses}
+  return {name: methods.get(name) for name in sorted(wanted)}
+
+
+_WORKER_CONTEXT: dict[str, experiment.Context] = {}  # One per worker process: the hub loads once.
+
+
+def _warm_task(job: tuple[str, bytes]) -> str:
+  """A worker's job: every unit of one task, and its ranking, into the caches."""
+  task_name, payload = job
+  try:
+    config, workdir, task, registry = pickle.loads(payload)
+    methods.METHODS.update(registry)
+    key = f"{workdir}\n{config.to_json_best_effort(sort_keys=True)}"
+    if key not in _WORKER_CONTEXT:
+      _WORKER_CONTEXT.clear()
+      _WORKER_CONTEXT[key] = experiment.Context.create(config, workdir)
+    ctx = _WORKER_CONTEXT[key]
+    for name, _, members in plan_units(config, method_names(config), [task], ctx.backbones):
+      methods.run_unit(ctx, name, task, members)
+    if _ranks(ctx):
+      from fusion.selection import job as select_job
+      select_job.rank_task_cached(ctx, task, select_job.entries(config.select), workdir)
+  except Exception as e:
+    raise workers_lib.job_error(f"task {task_name!r}", e) from e
+  return task_name
+
+
+def warm_caches(ctx: experiment.Context, names: Sequence[str], task_list,
+                workdir: str) -> None:
+  """With `config.workers` > 1: the units and rankings of the tasks that need
+  work, computed in that many processes (spawn), one job per task, the tasks
+  with more fine-tuning units first. Workers write only the caches (predictions,
+  rankings; metrics.jsonl lines): `run_units` then finds every unit cached."""
+  n = workers_lib.check(ctx.config.get("workers") or 1)
+  if n < 2:
+    return
+  import jax
+  if jax.process_count() > 1:
+    raise ValueError(f"config.workers={n} runs tasks in processes of one host; a "
+                     "multi-host run (--jax_distributed) needs config.workers=1.")
+  done = read_rows(workdir)
+  todo = [t for t in task_list if _needs_work(ctx, names, t, done)]
+  if len(todo) < 2:
+    return
+  todo.sort(key=lambda t: -_narrowed_units(ctx.config, names, t, ctx.backbones))  # Stable.
+  config = copy.deepcopy(ctx.config)
+  config.workers = 1  # A worker runs its task in one process (no pool in a pool).
+  registry = _registry(names)
+  jobs = [(task.name, workers_lib.dumps((config, workdir, task, registry),
+                                         f"task {task.name!r}, its methods and the config"))
+          for task in todo]
+  processes = min(n, len(jobs))
+  with workers_lib.pool(processes) as pool, tqdm.tqdm(
+      total=len(jobs), desc=f"suite: tasks in {processes} processes", unit="task") as bar:
+    for name in pool.imap_unordered(_warm_task, jobs):
+      bar.set_postfix_str(f"{name} done")
+      bar.update()
 
 
 def _plots(ctx, rows, names, task_list, workdir: str) -> str:
@@ -156,6 +261,7 @@ def run(config, workdir: str) -> str:
   for name in names:  # Checks that need the hub (e.g. K against its size): before any unit.
     methods.check_hub(ctx, name)
   task_list = ctx.tasks()
+  warm_caches(ctx, names, task_list, workdir)  # config.workers > 1: in parallel processes.
   rows = run_units(ctx, names, task_list, workdir)
   sections = report.methods_sections(rows, list(names))
   select_sections = []

@@ -26,6 +26,7 @@ def test_demo_is_the_offline_default():
   assert offline_hub.fingerprint(config.offline_hub) == offline_hub.fingerprint(
       build_hub.get_config().offline_hub)  # The hub that configs/build_hub.py builds.
   select_job.entries(config.select)  # A valid estimator list.
+  assert config.workers == 2 and vtab1k.get_config().workers == 1  # 2 CPU cores; 1 accelerator.
   assert tuple(demo.get_config("tasks=digits+mixed").tasks) == ("digits", "mixed")
   with pytest.raises(ValueError, match="cifar"):
     demo.get_config("tasks=digits+cifar")

@@ -150,7 +150,7 @@ def test_orbax_info_records_are_dropped_not_warnings():
 def test_hub_and_offline_hub_together_mean_both(monkeypatch):
   from fusion import hub
   from fusion import offline_hub
-  monkeypatch.setattr(offline_hub, "build", lambda config: [{"name": "off", "path": "/o"}])
+  monkeypatch.setattr(offline_hub, "build", lambda config, workers: [{"name": "off", "path": "/o"}])
   monkeypatch.setattr(hub, "load_hub", lambda specs: list(specs))
   config = ml_collections.ConfigDict({"hub": [{"name": "mine", "path": "/m"}],
                                       "offline_hub": {"seed": 0}})

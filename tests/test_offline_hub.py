@@ -262,6 +262,39 @@ def test_interrupted_build_resumes_to_the_same_weights(built, monkeypatch, tmp_p
   hub.load_hub(specs)
 
 
+def test_models_built_in_workers_are_those_built_in_one_process(built, monkeypatch, tmp_path,
+                                                               calls):
+  home, specs = built
+  monkeypatch.setenv("FUSION_HOME", home)
+  reference = offline_hub.hub_dir(tiny_config())
+  monkeypatch.setenv("FUSION_HOME", str(tmp_path))
+  root = offline_hub.hub_dir(tiny_config())
+  shutil.copytree(reference, root)
+  shutil.rmtree(os.path.join(root, "vit_shapes"))  # Missing,
+  with open(os.path.join(root, "vit_random", offline_hub.WEIGHTS), "r+b") as f:
+    f.truncate(100)  # and corrupt: both rebuilt, each in its own process.
+  assert offline_hub.build(tiny_config(), workers=2) == [
+      {"name": s["name"], "path": os.path.join(root, s["name"])} for s in specs]
+  assert calls == []  # Not in this process.
+  assert sorted(os.listdir(root)) == sorted([*NAMES, "manifest.json", "recipe.json"])
+
+  def manifest(directory):
+    with open(os.path.join(directory, offline_hub.MANIFEST)) as f:
+      m = json.load(f)
+    for entry in m["models"]:
+      entry.pop("build_seconds")  # Wall time.
+    return m
+
+  assert manifest(root) == manifest(reference)
+  for name in NAMES:
+    for file in (offline_hub.WEIGHTS, offline_hub.SOURCE_HEAD, offline_hub.COMPLETE):
+      assert (os.path.exists(os.path.join(root, name, file)) ==
+              os.path.exists(os.path.join(reference, name, file))), (name, file)
+    with open(os.path.join(root, name, offline_hub.COMPLETE)) as f:  # sha256 of each file.
+      with open(os.path.join(reference, name, offline_hub.COMPLETE)) as g:
+        assert json.load(f) == json.load(g), name
+
+
 def test_seed_decides_the_weights(built, monkeypatch, tmp_path):
   _, reference = built
   monkeypatch.setenv("FUSION_HOME", str(tmp_path))

@@ -277,8 +277,8 @@ def _head_fingerprint(backbone) -> str | None:
       {"kernel": head.kernel, "bias": head.bias})
 
 
-def rank_task_cached(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str, Any]:
-  """`rank_task`, computed once per (task, hub, select config, seed) under $FUSION_HOME."""
+def _cache_entry(ctx, task) -> tuple[str, dict[str, Any], str]:
+  """(key, inputs, path) of a task's rankings in the cache under $FUSION_HOME."""
   cfg = ctx.config.select
   inputs = {"version": RANKINGS_VERSION, "task": task.fingerprint, "seed": ctx.seed,
             "models": [[b.name, hub.params_fingerprint(b), _head_fingerprint(b)]
@@ -286,17 +286,30 @@ def rank_task_cached(ctx, task, entry_list: Sequence[Entry], workdir: str) -> di
             "select": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
             "batch_size": ctx.config.get("batch_size")}
   key = io.sha256_json(inputs)[:32]
-  path = os.path.join(fusion.fusion_home(), "rankings", key + ".json")
-  out = None
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        stored = json.load(f)
-      out = stored["result"] if stored.get("key") == key else None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      logging.warning("Recomputing the unreadable rankings cache entry %s: %s", path, e)
+  return key, inputs, os.path.join(fusion.fusion_home(), "rankings", key + ".json")
+
+
+def cached_rankings(ctx, task) -> dict[str, Any] | None:
+  """The task's cached `rank_task` output; None when missing or unreadable."""
+  key, _, path = _cache_entry(ctx, task)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    return stored["result"] if stored.get("key") == key else None
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    logging.warning("Recomputing the unreadable rankings cache entry %s: %s", path, e)
+    return None
+
+
+def rank_task_cached(ctx, task, entry_list: Sequence[Entry], workdir: str) -> dict[str, Any]:
+  """`rank_task`, computed once per (task, hub, select config, seed) under $FUSION_HOME."""
+  cfg = ctx.config.select
+  out = cached_rankings(ctx, task)
   if out is None:
     out = rank_task(ctx, task, entry_list, workdir)
+    key, inputs, path = _cache_entry(ctx, task)
     io.write_json(path, {"key": key, "inputs": inputs, "result": out})
   if "taxonomy" in out:
     rsa.plot_dendrogram(out["taxonomy"]["similarity"], out["taxonomy"]["models"],
