@@ -30,7 +30,8 @@ def hub_specs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   """A second task beside digits: a folder of images (a task registered at runtime)."""
-  return write_images(tmp_path_factory.mktemp("images") / "colours", 1050)
+  # Not "colours": test_image_folder registers that name, maybe in this process.
+  return write_images(tmp_path_factory.mktemp("images") / "swatches", 1050)
 
 
 def _config(specs, folder, **overrides):
@@ -73,7 +74,7 @@ def test_two_workers_give_the_results_of_one(hub_specs, folder, tmp_path, monkey
   run_id = _results(two)[provenance.KEY]["run_id"]
   with open(os.path.join(two, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
-  assert {line["run"].split("/")[1] for line in lines} == {"digits", "colours"}
+  assert {line["run"].split("/")[1] for line in lines} == {"digits", "swatches"}
   assert {line["run_id"] for line in lines} == {run_id}
 
 
@@ -88,7 +89,7 @@ def test_a_workers_error_names_its_task(hub_specs, folder, tmp_path, monkeypatch
       "fail", _fail, nearest_centroid.default_config))
   config = _config(hub_specs, folder, workers=2, methods=("fail",), method_tasks={},
                    select=None)
-  with pytest.raises(ValueError, match=r"^task '(digits|colours)' \(in a worker process\): "
+  with pytest.raises(ValueError, match=r"^task '(digits|swatches)' \(in a worker process\): "
                      "no such luck$"):
     main.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work" / "results.json")
