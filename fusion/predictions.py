@@ -32,14 +32,19 @@ REQUIRED_SPLITS = ("val200", "test")
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-  """logits[split] [N, C] (unnormalised log-probabilities) and labels[split] [N]."""
+  """logits[split] [N, C] (unnormalised log-probabilities) and labels[split] [N].
+
+  A method's unit predicts `REQUIRED_SPLITS` (and the task's other test
+  splits); a part of one (a fine-tuning run) may need fewer (`required`).
+  """
   logits: Mapping[str, np.ndarray]
   labels: Mapping[str, np.ndarray]
+  required: tuple[str, ...] = dataclasses.field(default=REQUIRED_SPLITS, compare=False)
 
   def __post_init__(self):
-    missing = [s for s in REQUIRED_SPLITS if s not in self.logits]
-    if missing or set(self.logits) != set(self.labels):
-      raise ValueError(f"Predictions need logits and labels of {REQUIRED_SPLITS} (and the "
+    missing = [s for s in self.required if s not in self.logits]
+    if missing or not self.logits or set(self.logits) != set(self.labels):
+      raise ValueError(f"Predictions need logits and labels of {self.required} (and the "
                        f"same splits in both); got logits of {sorted(self.logits)}, labels "
                        f"of {sorted(self.labels)}.")
     logits = {s: np.asarray(v, np.float32) for s, v in self.logits.items()}
@@ -113,8 +118,9 @@ class Cache:
       with np.load(data_path, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
       splits = meta["splits"]
+      # The splits it was saved with (checked then; a run's may be fewer).
       predictions = Predictions({s: arrays[f"logits/{s}"] for s in splits},
-                                {s: arrays[f"labels/{s}"] for s in splits})
+                                {s: arrays[f"labels/{s}"] for s in splits}, required=())
       r = meta["result"]
       return Result(predictions, tuple(r["members"]), r["inference_gflops"],
                     r["train_steps"], r["train_examples"], r["train_seconds"], r["fields"])

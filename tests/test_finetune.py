@@ -94,6 +94,26 @@ def test_training_changes_what_it_should_and_nothing_else(ctx, task, mode, expec
   assert stats
 
 
+def test_runs_predict_the_splits_they_are_used_for(ctx, task):
+  result = finetune.fit_predict(ctx, task, [ctx.backbone("resnet")], _config(), seed=0)
+  cache = predictions.Cache()
+  val_run, final_run = cache.load(result.fields["val_run"]), cache.load(result.fields["final_run"])
+  tests = experiment.test_splits(task)
+  assert "test_shift" in tests
+  # The train800 run is chosen on val200; its retrain on train800val200 is tested.
+  assert val_run.predictions.splits == ("val200",)
+  assert final_run.predictions.splits == tests
+  assert result.predictions.splits == ("val200",) + tests
+  np.testing.assert_array_equal(result.predictions.logits["val200"],
+                                val_run.predictions.logits["val200"])
+  for split in tests:
+    np.testing.assert_array_equal(result.predictions.logits[split],
+                                  final_run.predictions.logits[split])
+  # A method's unit still needs val200 and test.
+  with pytest.raises(ValueError, match="need logits and labels of"):
+    predictions.Predictions(dict(val_run.predictions.logits), dict(val_run.predictions.labels))
+
+
 def test_last_n_counts_blocks_of_transformers_and_cnns():
   flat = {("params", "embeddings", "x"): 0, ("params", "encoder", "layer", "0", "w"): 0,
           ("params", "encoder", "layer", "1", "w"): 0, ("params", "layernorm", "scale"): 0}

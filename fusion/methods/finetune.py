@@ -165,6 +165,15 @@ class Run:
   split: str  # "train800" or "train800val200"
 
 
+def run_splits(task, train_split: str) -> tuple[str, ...]:
+  """The splits a run predicts: what its Result is used for. A train800 run
+  gives val200 (choices are made there); its train800val200 retrain gives the
+  test splits (val200 is in its training data)."""
+  if train_split == "train800":
+    return ("val200",)
+  return experiment.test_splits(task)
+
+
 def run_inputs(backbone: hub.Backbone, task, run: Run, config, seed: int) -> dict:
   settings = config.to_dict()
   for key in ("learning_rates", "steps", "save_params", "checkpoint_every",
@@ -234,7 +243,7 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
       checkpoint_every=int(config.checkpoint_every), max_to_keep=1, progress=False)
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   logits, split_labels = {}, {}
-  for split in ("val200",) + experiment.test_splits(task):
+  for split in run_splits(task, run.split):
     x, split_labels[split] = ctx.images(task, split, backbone.preprocess)
     logits[split] = predict(backbone, params, x, ctx.mesh, int(config.eval_batch_size))
   fields = {"learning_rate": run.learning_rate, "steps": run.steps, "split": run.split}
@@ -243,8 +252,8 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
   if checkpoint_dir:  # The run is cached now: its checkpoints are not needed.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
   return predictions.Result(
-      predictions.Predictions(logits, split_labels), members=(backbone.name,),
-      inference_gflops=_gflops(backbone, task), train_steps=run.steps,
+      predictions.Predictions(logits, split_labels, required=tuple(logits)),
+      members=(backbone.name,), inference_gflops=_gflops(backbone, task), train_steps=run.steps,
       train_examples=run.steps * config.batch_size, fields=fields)
 
 

@@ -322,7 +322,7 @@ def member_side(ctx, task, backbone: hub.Backbone, train_split: str, plan: Plan,
 
 def _predict_only(ctx, task, backbone, params, run, ft_config, cache, key):
   logits, labels = {}, {}
-  for split in ("val200",) + experiment.test_splits(task):
+  for split in finetune.run_splits(task, run.split):
     x, labels[split] = ctx.images(task, split, backbone.preprocess)
     logits[split] = finetune.predict(backbone, params, x, ctx.mesh,
                                      int(ft_config.eval_batch_size))
@@ -330,7 +330,7 @@ def _predict_only(ctx, task, backbone, params, run, ft_config, cache, key):
   if ft_config.save_params:
     fields["params_sha256"] = finetune._save_params(cache, key, params)  # pylint: disable=protected-access
   return predictions.Result(
-      predictions.Predictions(logits, labels), members=(backbone.name,),
+      predictions.Predictions(logits, labels, required=tuple(logits)), members=(backbone.name,),
       inference_gflops=finetune._gflops(backbone, task), fields=fields)  # pylint: disable=protected-access
 
 
