@@ -194,7 +194,7 @@ def warm_caches(ctx: experiment.Context, names: Sequence[str], task_list,
                                          f"task {task.name!r}, its methods and the config"))
           for task in todo]
   processes = min(n, len(jobs))
-  with workers_lib.pool(processes) as pool, tqdm.tqdm(
+  with workers_lib.pool(processes, pin=True) as pool, tqdm.tqdm(
       total=len(jobs), desc=f"suite: tasks in {processes} processes", unit="task") as bar:
     for name in pool.imap_unordered(_warm_task, jobs):
       bar.set_postfix_str(f"{name} done")

@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import pickle
+import queue
 import signal
 import threading
 from collections.abc import Iterator
@@ -68,8 +69,24 @@ def _parent_state() -> dict[str, Any]:
           "jax": {name: getattr(jax.config, name) for name in JAX_OPTIONS}}
 
 
-def _init(state: dict[str, Any], records) -> None:
-  """A worker's set-up: the parent's logging, run id and JAX options."""
+def core_sets(processes: int) -> list[set[int]] | None:
+  """The CPU cores of each of `processes` workers, dealt out round robin; None
+  (no pinning) where the OS cannot pin or there are fewer cores than workers."""
+  if not hasattr(os, "sched_getaffinity"):
+    return None
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < processes:
+    return None
+  return [set(cores[i::processes]) for i in range(processes)]
+
+
+def _init(state: dict[str, Any], records, cores) -> None:
+  """A worker's set-up: its cores, the parent's logging, run id and JAX options."""
+  if cores is not None:
+    try:  # Before JAX starts its thread pools. A replacement worker finds none left.
+      os.sched_setaffinity(0, cores.get_nowait())
+    except queue.Empty:
+      pass
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool.
   absl_logging.set_verbosity(state["verbosity"])  # fusion.data reads it on import.
   root = logging.getLogger()
@@ -107,8 +124,12 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def pool(processes: int) -> Iterator[multiprocessing.pool.Pool]:
+def pool(processes: int, pin: bool = False) -> Iterator[multiprocessing.pool.Pool]:
   """A spawn Pool of `processes` workers that continue the current run.
+
+  `pin`: each worker on its own share of the cores (`core_sets`): two processes
+  fine-tuning on 2 CPU cores ran 9% faster pinned than left to the scheduler
+  (172 s against 189 s wall, measured).
 
   On leaving the block normally the workers finish and exit; on an error (a
   worker's, re-raised by the pool, or Ctrl-C) they are terminated at once.
@@ -118,8 +139,14 @@ def pool(processes: int) -> Iterator[multiprocessing.pool.Pool]:
   forwarder = threading.Thread(target=_forward, args=(records,), daemon=True)
   forwarder.start()
   # tqdm reads TQDM_DISABLE when it is imported, before an initializer runs.
+  cores = core_sets(processes) if pin else None
+  if cores is not None:
+    queued = context.Queue()
+    for core_set in cores:
+      queued.put(core_set)
+    cores = queued
   with _environ(TQDM_DISABLE="1"):
-    workers = context.Pool(processes, _init, (_parent_state(), records))
+    workers = context.Pool(processes, _init, (_parent_state(), records, cores))
   try:
     yield workers
   except BaseException:

@@ -14,6 +14,7 @@ from fusion import methods
 from fusion import predictions
 from fusion import provenance
 from fusion import report
+from fusion import workers
 from fusion.methods import nearest_centroid
 from fusion.selection import job as select_job
 
@@ -100,3 +101,25 @@ def test_bad_workers_values_are_named(hub_specs, folder, tmp_path):
     with pytest.raises(ValueError, match=rf"config.workers={value} must be an integer >= 1"):
       main.run(_config(hub_specs, folder, workers=value), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_core_sets_deal_the_cores_out_or_pin_nothing(monkeypatch):
+  monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+  assert workers.core_sets(2) == [{0, 2}, {1, 3}]
+  assert workers.core_sets(4) == [{0}, {1}, {2}, {3}]
+  assert workers.core_sets(5) is None  # More workers than cores: the scheduler decides.
+
+
+def _affinity(_):
+  import time
+  time.sleep(0.3)  # So that both workers take jobs.
+  return os.getpid(), frozenset(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(workers.core_sets(2) is None, reason="needs 2 cores and sched_setaffinity")
+def test_pinned_workers_each_run_on_their_own_cores():
+  expected = {frozenset(c) for c in workers.core_sets(2)}
+  with workers.pool(2, pin=True) as pool:
+    seen = dict(pool.map(_affinity, range(6), chunksize=1))
+  assert set(seen.values()) <= expected
+  assert len(set(seen.values())) == len(seen)  # Two workers: two different shares.
