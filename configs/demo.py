@@ -29,7 +29,7 @@ TASKS = ("digits", "house_numbers", "mixed", "novel_textures", "shapes_location"
 # beats every linear probe there) and the specialized one: what the demo's time
 # budget on 2 CPU cores allows (all five fine-tuning tasks it was meant to have,
 # with digits and house_numbers, took the tasks 24 minutes with the hub cached,
-# about 32 from nothing). `:full` fine-tunes on all eight.
+# about 31 from nothing). `:full` fine-tunes on all eight.
 FINETUNE_TASKS = ("novel_textures", "shapes_orientation", "scenes_count")
 # On cached features: cheap, on every task.
 FEATURE_METHODS = ("linear_probe", "nearest_centroid", "best_probe", "concat",
