@@ -84,7 +84,7 @@ def _init(state: dict[str, Any], records, cores) -> None:
   """A worker's set-up: its cores, the parent's logging, run id and JAX options."""
   if cores is not None:
     try:  # Before JAX starts its thread pools. A replacement worker finds none left.
-      os.sched_setaffinity(0, cores.get_nowait())
+      os.sched_setaffinity(0, cores.get(timeout=5))
     except queue.Empty:
       pass
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool.
@@ -138,13 +138,13 @@ def pool(processes: int, pin: bool = False) -> Iterator[multiprocessing.pool.Poo
   records = context.Queue()
   forwarder = threading.Thread(target=_forward, args=(records,), daemon=True)
   forwarder.start()
-  # tqdm reads TQDM_DISABLE when it is imported, before an initializer runs.
   cores = core_sets(processes) if pin else None
   if cores is not None:
     queued = context.Queue()
     for core_set in cores:
       queued.put(core_set)
     cores = queued
+  # tqdm reads TQDM_DISABLE when it is imported, before an initializer runs.
   with _environ(TQDM_DISABLE="1"):
     workers = context.Pool(processes, _init, (_parent_state(), records, cores))
   try:
