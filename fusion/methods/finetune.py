@@ -236,23 +236,34 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
   checkpoint_dir = (train.default_checkpoint_dir(ctx.workdir, f"{name}/{key}")
                     if ctx.workdir and key else None)
   state = train.train(
-      loss_fn=_loss_fn(hub.computation_twin(backbone)), params=init_params, batch_fn=batch_fn, config=opt,
+      loss_fn=_loss_fn(hub.computation_twin(backbone)), params=init_params,
+      batch_fn=batch_fn, config=opt,
       mesh=ctx.mesh, num_steps=run.steps, workdir=ctx.workdir, seed=seed, trainable=mask,
       lr_multiplier={"backbone": float(config.backbone_lr_multiplier), "head": 1.0},
       run_name=name, checkpoint=checkpoint_dir is not None, checkpoint_dir=checkpoint_dir,
       checkpoint_every=int(config.checkpoint_every), max_to_keep=1, progress=False)
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  logits, split_labels = {}, {}
-  for split in run_splits(task, run.split):
-    x, split_labels[split] = ctx.images(task, split, backbone.preprocess)
+  result = run_result(ctx, backbone, task, run, params, config, cache, key)
+  if checkpoint_dir:  # The run is cached now: its checkpoints are not needed.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+  return result
+
+
+def run_result(ctx, backbone: hub.Backbone, task, run: Run, params, config,
+               cache: predictions.Cache | None = None, key: str | None = None
+               ) -> predictions.Result:
+  """The Result of a run that ended with `params` ({"backbone", "head"}): its
+  `run_splits` predicted, its weights saved (with `cache` and `key`)."""
+  splits = run_splits(task, run.split)
+  logits, labels = {}, {}
+  for split in splits:
+    x, labels[split] = ctx.images(task, split, backbone.preprocess)
     logits[split] = predict(backbone, params, x, ctx.mesh, int(config.eval_batch_size))
   fields = {"learning_rate": run.learning_rate, "steps": run.steps, "split": run.split}
   if cache is not None and key is not None and config.save_params:
     fields["params_sha256"] = _save_params(cache, key, params)
-  if checkpoint_dir:  # The run is cached now: its checkpoints are not needed.
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
   return predictions.Result(
-      predictions.Predictions(logits, split_labels, required=tuple(logits)),
+      predictions.Predictions(logits, labels, required=splits),
       members=(backbone.name,), inference_gflops=_gflops(backbone, task), train_steps=run.steps,
       train_examples=run.steps * config.batch_size, fields=fields)
 

@@ -70,7 +70,6 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from fusion import experiment
 from fusion import hub
 from fusion import metrics
 from fusion import predictions
@@ -314,24 +313,10 @@ def member_side(ctx, task, backbone: hub.Backbone, train_split: str, plan: Plan,
     result = finetune.train_run(ctx, backbone, task, run, ft_config, seed,
                                 init_params=start, cache=cache, key=key)
   else:
-    result = _predict_only(ctx, task, backbone, start, run, ft_config, cache, key)
+    result = finetune.run_result(ctx, backbone, task, run, start, ft_config, cache, key)
   result = dataclasses.replace(result, train_seconds=round(time.time() - t0, 3))
   cache.save(key, inputs, result)
   return key, result
-
-
-def _predict_only(ctx, task, backbone, params, run, ft_config, cache, key):
-  logits, labels = {}, {}
-  for split in finetune.run_splits(task, run.split):
-    x, labels[split] = ctx.images(task, split, backbone.preprocess)
-    logits[split] = finetune.predict(backbone, params, x, ctx.mesh,
-                                     int(ft_config.eval_batch_size))
-  fields = {"learning_rate": run.learning_rate, "steps": 0, "split": run.split}
-  if ft_config.save_params:
-    fields["params_sha256"] = finetune._save_params(cache, key, params)  # pylint: disable=protected-access
-  return predictions.Result(
-      predictions.Predictions(logits, labels, required=tuple(logits)), members=(backbone.name,),
-      inference_gflops=finetune._gflops(backbone, task), fields=fields)  # pylint: disable=protected-access
 
 
 def _combine(name: str, sides: Mapping[str, tuple[str, predictions.Result]]
