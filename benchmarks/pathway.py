@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(_REPO, "tests"))  # tiny_models
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import importlib.util  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -46,10 +45,8 @@ TINY = {"resnet": dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]),
 
 def _pathway_config(path: str):
   """`config.pathway` of a config file (its exclude_models, generator, noise, ...)."""
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().pathway
+  from fusion import main as fusion_main
+  return fusion_main.load_config_module(path).get_config().pathway
 
 
 def _hub(size: str, directory: str):

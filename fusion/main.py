@@ -145,7 +145,8 @@ def _check_config_file(path: str) -> None:
              f"{configs or 'none'} (e.g. --config configs/demo.py; --help lists them).")
 
 
-def _load_config_module(path: str):
+def load_config_module(path: str):
+  """A config file as a module (its `get_config(arg)`)."""
   spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
@@ -156,7 +157,7 @@ def _load_config_module(path: str):
 def config_arguments(path: str) -> str:
   """The `:arg` keys of a config file with their defaults, one per line."""
   try:
-    _load_config_module(path).get_config(config_lib.HELP)
+    load_config_module(path).get_config(config_lib.HELP)
   except config_lib.ArgumentsHelp as e:
     return str(e)
   except Exception as e:  # A config of one's own that parses its arg otherwise.
