@@ -154,10 +154,10 @@ def main():
   generator = pathway.generator_of(config, num_models)
   encoders = tuple(pathway._hub_encoder(b) for b in backbones)
   params = pathway._init(generator, batch["gate_input"], [b.params for b in backbones],
-                         [b.feature_dim for b in backbones], num_classes, 0)
+                         [b.feature_dim for b in backbones], num_classes, 0,
+                         pathway.head_width(config, num_classes))
   params["generator"] = _spread(generator, params["generator"], gate_input, num_models, 0)
-  trainable = {"generator": True, "heads": True,
-               "encoders": [{c: c == "params" for c in b.params} for b in backbones]}
+  trainable = pathway.trainable([{c: c == "params" for c in b.params} for b in backbones])
   print(f"M={num_models} routed models ({args.config}): "
         f"{', '.join(b.name for b in backbones)}", flush=True)
   ks = (1, 2, num_models)

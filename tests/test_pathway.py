@@ -201,10 +201,10 @@ def test_sparse_inference_equals_whole_batch_buffers_and_runs_k_models(
 
   def counting_expert(encode):
     fn = real_expert(encode)
-    def run(enc_params, head, x):
+    def run(enc_params, head, class_mask, x):
       m = next(i for i, h in enumerate(params["heads"]) if h is head)
       rows_run[m] += len(x)
-      return fn(enc_params, head, x)
+      return fn(enc_params, head, class_mask, x)
     return run
   monkeypatch.setattr(pathway, "_expert", counting_expert)
   log_probs, routed, dropped, labels = pathway.predict_sparse(
@@ -252,6 +252,76 @@ def _two_domain_task(rng, n):
   gate = np.stack([2.0 * domain - 1.0, np.zeros(n)], 1) + 0.3 * rng.normal(size=(n, 2))
   return ([x.astype(np.float32) for x in inputs], gate.astype(np.float32), labels,
           domain)
+
+
+def _padded(params, width):
+  """params with heads padded to `width` classes (random values in the padding: the
+  mask must make them irrelevant) and the class mask of `_init`."""
+  rng = np.random.default_rng(9)
+  heads = [{"kernel": np.concatenate([h["kernel"], rng.normal(size=(len(h["kernel"]),
+                                                                    width - K))], 1),
+            "bias": np.concatenate([h["bias"], rng.normal(size=width - K)])}
+           for h in params["heads"]]
+  heads = jax.tree.map(lambda x: x.astype(np.float32), heads)
+  return {**params, "heads": heads,
+          "class_mask": (np.arange(width) < K).astype(np.float32)}
+
+
+def test_padded_heads_give_the_loss_gradients_and_predictions_of_unpadded_ones():
+  """Heads padded to 16 classes with the class mask: the same loss, the same
+  gradients of the real parameters and none of the padding, the same predictions,
+  buffered and sparse (the dropped weight's uniform prediction over the real
+  classes only)."""
+  rng = np.random.default_rng(8)
+  slots = routing.capacity(1, B, M, 0.5)  # Small: some weight is dropped.
+  weights = (1.0, 0.01, 0.01, 1.0)
+  encoders = tuple(pathway._identity for _ in DIMS)
+  generator = routing.FeatureGate(2 * M)
+  batch = _batch(rng)
+  params = _params(generator, batch, rng)
+  padded = _padded(params, 16)
+  plain_loss, plain_predict = pathway._network(encoders, generator, 1, slots, K, weights)
+  pad_loss, pad_predict = pathway._network(encoders, generator, 1, slots, 16, weights)
+  key = jax.random.PRNGKey(1)
+  (loss, _), grads = jax.value_and_grad(plain_loss, has_aux=True)(params, batch, key)
+  (p_loss, _), p_grads = jax.value_and_grad(pad_loss, has_aux=True)(padded, batch, key)
+  assert float(p_loss) == pytest.approx(float(loss), rel=1e-6)
+  for g, pg in zip(grads["heads"], p_grads["heads"]):
+    np.testing.assert_allclose(pg["kernel"][:, :K], g["kernel"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pg["bias"][:K], g["bias"], rtol=1e-5, atol=1e-7)
+    assert not np.any(pg["kernel"][:, K:]) and not np.any(pg["bias"][K:])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               p_grads["generator"], grads["generator"])
+  lp, routed, dropped, _ = pathway.predict_all(jax.jit(plain_predict), params, batch["inputs"],
+                                               batch["gate_input"], batch["label"], B)
+  p_lp, p_routed, p_dropped, _ = pathway.predict_all(
+      jax.jit(pad_predict), padded, batch["inputs"], batch["gate_input"], batch["label"], B)
+  assert dropped > 0 and p_dropped == dropped
+  assert p_lp.shape == (B, K)
+  np.testing.assert_allclose(np.exp(p_lp), np.exp(lp), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.exp(p_lp).sum(1), 1.0, rtol=1e-5)
+  config = pathway.default_config()
+  config.generator, config.batch_size = "feature", B
+  sparse = [pathway.predict_sparse(config, encoders, 1, K, p, batch["inputs"],
+                                   batch["gate_input"], batch["label"], B)[0]
+            for p in (params, padded)]
+  np.testing.assert_allclose(np.exp(sparse[1]), np.exp(sparse[0]), rtol=1e-5, atol=1e-7)
+
+
+def test_tasks_with_different_class_counts_share_one_compiled_step():
+  config = pathway.default_config()
+  encoders = tuple(pathway._identity for _ in DIMS)
+  generator = pathway.generator_of(config, M)
+  assert pathway.head_width(config, 6) == pathway.head_width(config, 16) == 16
+  assert pathway.head_width(config, 17) == 32
+  assert (pathway.networks(config, encoders, generator, 1, 6)[0]
+          is pathway.networks(config, encoders, generator, 1, 10)[0])
+  config.class_multiple = 1  # No padding: a step per class count.
+  assert (pathway.networks(config, encoders, generator, 1, 6)[0]
+          is not pathway.networks(config, encoders, generator, 1, 10)[0])
+  config.class_multiple = 0
+  with pytest.raises(ValueError, match=r"class_multiple=0 must be an integer >= 1"):
+    pathway.check_config(config, 3, 1)
 
 
 def test_default_router_sends_each_input_to_its_useful_model_and_drops_nothing():
