@@ -8,15 +8,17 @@ evaluation of the select job runs on top, with the linear probes as ground
 truth. `job = "linear_probe"` is the suite of that one method.
 
 With `config.workers` > 1, the tasks' units (and rankings) are first computed
-in that many processes, a task per job (`warm_caches`); the sequential pass
-then finds every one cached and writes the same outputs as with one process.
+in that many processes, about a task per job (`warm_caches`); the sequential
+pass then finds every one cached and writes the same outputs as with one process.
 """
 import copy
+import dataclasses
 import json
 import logging
 import os
 import pickle
 from collections.abc import Sequence
+from typing import Any
 
 import tqdm
 
@@ -117,24 +119,49 @@ def _ranks(ctx: experiment.Context) -> bool:
   return ctx.config.get("select") is not None and len(ctx.backbones) >= 2
 
 
-def _needs_work(ctx, names, task, done: dict) -> bool:
-  """Whether a unit of `task` is neither in rows.jsonl nor cached, or its ranking is not."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A worker's piece of the suite: some methods' units on one task (and its ranking)."""
+  task: Any
+  names: tuple[str, ...]
+  ranks: bool  # The task's ranking too.
+  standalone: bool  # One standalone method's units (`methods.Method.standalone`).
+
+  @property
+  def label(self) -> str:
+    return f"task {self.task.name!r}" + (f", method {self.names[0]!r}"
+                                        if self.standalone else "")
+
+
+def task_jobs(config, names: Sequence[str], task) -> list[Job]:
+  """The jobs of one task: its standalone methods' units one job each, so that the
+  workers share a task's minutes; the rest (they share cached features and
+  fine-tunes) and the ranking one job."""
+  names = [n for n in names if runs_on(config, n, task)]
+  alone = [n for n in names if methods.get(n).standalone]
+  rest = tuple(n for n in names if n not in alone)
+  jobs = [Job(task, rest, True, False)]
+  return jobs + [Job(task, (n,), False, True) for n in alone]
+
+
+def _needs_work(ctx, job: Job, done: dict) -> bool:
+  """Whether a unit of `job` is neither in rows.jsonl nor cached, or its ranking is not."""
   cache = predictions.Cache(ctx.config.get("predictions_dir") or None)
-  for name, _, members in plan_units(ctx.config, names, [task], ctx.backbones):
-    key = methods.unit_key(ctx, name, task, members)
+  for name, _, members in plan_units(ctx.config, job.names, [job.task], ctx.backbones):
+    key = methods.unit_key(ctx, name, job.task, members)
     if key not in done and cache.load(key) is None:
       return True
-  if _ranks(ctx):
+  if job.ranks and _ranks(ctx):
     from fusion.selection import job as select_job
-    return select_job.cached_rankings(ctx, task) is None
+    return select_job.cached_rankings(ctx, job.task) is None
   return False
 
 
-def _narrowed_units(config, names, task, backbones) -> int:
-  """Units on `task` of the methods `config.method_tasks` narrows (the fine-tuning
-  ones, minutes each on a CPU): the tasks with more go to the workers first."""
+def _narrowed_units(config, job: Job, backbones) -> int:
+  """Units of `job` of the methods `config.method_tasks` narrows (the fine-tuning
+  ones, minutes each on a CPU): the jobs with more go to the workers first."""
   narrowed = set(config.get("method_tasks") or {})
-  return sum(1 for name, _, _ in plan_units(config, names, [task], backbones)
+  return sum(1 for name, _, _ in plan_units(config, job.names, [job.task], backbones)
              if name in narrowed)
 
 
@@ -148,33 +175,35 @@ def _registry(names: Sequence[str]) -> dict[str, methods.Method]:
 _WORKER_CONTEXT: dict[str, experiment.Context] = {}  # One per worker process: the hub loads once.
 
 
-def _warm_task(job: tuple[str, bytes]) -> str:
-  """A worker's job: every unit of one task, and its ranking, into the caches."""
-  task_name, payload = job
+def _warm(job: tuple[str, bytes]) -> str:
+  """A worker's job: its units, and its task's ranking, into the caches."""
+  label, payload = job
   try:
-    config, workdir, task, registry = pickle.loads(payload)
+    config, workdir, job, registry = pickle.loads(payload)
     methods.METHODS.update(registry)
     key = f"{workdir}\n{config.to_json_best_effort(sort_keys=True)}"
     if key not in _WORKER_CONTEXT:
       _WORKER_CONTEXT.clear()
       _WORKER_CONTEXT[key] = experiment.Context.create(config, workdir)
     ctx = _WORKER_CONTEXT[key]
-    for name, _, members in plan_units(config, method_names(config), [task], ctx.backbones):
-      methods.run_unit(ctx, name, task, members)
-    if _ranks(ctx):
+    for name, _, members in plan_units(config, job.names, [job.task], ctx.backbones):
+      methods.run_unit(ctx, name, job.task, members)
+    if job.ranks and _ranks(ctx):
       from fusion.selection import job as select_job
-      select_job.rank_task_cached(ctx, task, select_job.entries(config.select), workdir)
+      select_job.rank_task_cached(ctx, job.task, select_job.entries(config.select), workdir)
   except Exception as e:
-    raise workers_lib.job_error(f"task {task_name!r}", e) from e
-  return task_name
+    raise workers_lib.job_error(label, e) from e
+  return label
 
 
 def warm_caches(ctx: experiment.Context, names: Sequence[str], task_list,
                 workdir: str) -> None:
-  """With `config.workers` > 1: the units and rankings of the tasks that need
-  work, computed in that many processes (spawn), one job per task, the tasks
-  with more fine-tuning units first. Workers write only the caches (predictions,
-  rankings; metrics.jsonl lines): `run_units` then finds every unit cached."""
+  """With `config.workers` > 1: the units and rankings that need work, computed in
+  that many processes (spawn), a job per task (`task_jobs`: a standalone method's
+  units are a job of their own), those with more fine-tuning units first and the
+  standalone ones last, to fill the gaps. Workers write only the caches
+  (predictions, rankings; metrics.jsonl lines): `run_units` then finds every unit
+  cached."""
   n = workers_lib.check(ctx.config.get("workers") or 1)
   if n < 2:
     return
@@ -183,21 +212,28 @@ def warm_caches(ctx: experiment.Context, names: Sequence[str], task_list,
     raise ValueError(f"config.workers={n} runs tasks in processes of one host; a "
                      "multi-host run (--jax_distributed) needs config.workers=1.")
   done = read_rows(workdir)
-  todo = [t for t in task_list if _needs_work(ctx, names, t, done)]
+  todo = [job for task in task_list for job in task_jobs(ctx.config, names, task)
+          if _needs_work(ctx, job, done)]
   if len(todo) < 2:
     return
-  todo.sort(key=lambda t: -_narrowed_units(ctx.config, names, t, ctx.backbones))  # Stable.
+  todo.sort(key=lambda job: (job.standalone,  # Stable.
+                             -_narrowed_units(ctx.config, job, ctx.backbones)))
+  tasks = [job.task.name for job in todo]
+  for task in {job.task.name: job.task for job in todo}.values():
+    if tasks.count(task.name) > 1:  # Two processes must not generate its data at once.
+      from fusion.data import pipeline
+      pipeline.prepare(task)
   config = copy.deepcopy(ctx.config)
-  config.workers = 1  # A worker runs its task in one process (no pool in a pool).
+  config.workers = 1  # A worker runs its job in one process (no pool in a pool).
   registry = _registry(names)
-  jobs = [(task.name, workers_lib.dumps((config, workdir, task, registry),
-                                         f"task {task.name!r}, its methods and the config"))
-          for task in todo]
+  jobs = [(job.label, workers_lib.dumps((config, workdir, job, registry),
+                                        f"{job.label}, its methods and the config"))
+          for job in todo]
   processes = min(n, len(jobs))
   with workers_lib.pool(processes, pin=True) as pool, tqdm.tqdm(
-      total=len(jobs), desc=f"suite: tasks in {processes} processes", unit="task") as bar:
-    for name in pool.imap_unordered(_warm_task, jobs):
-      bar.set_postfix_str(f"{name} done")
+      total=len(jobs), desc=f"suite: jobs in {processes} processes", unit="job") as bar:
+    for label in pool.imap_unordered(_warm, jobs):
+      bar.set_postfix_str(f"{label} done")
       bar.update()
 
 

@@ -4,6 +4,7 @@ metrics lines), and a worker's error reaches the caller naming its task. (The
 offline hub built in workers: tests/test_offline_hub.py.)"""
 import json
 import os
+import types
 
 import ml_collections
 import pytest
@@ -14,6 +15,7 @@ from fusion import methods
 from fusion import predictions
 from fusion import provenance
 from fusion import report
+from fusion import suite
 from fusion import workers
 from fusion.methods import nearest_centroid
 from fusion.selection import job as select_job
@@ -53,9 +55,14 @@ def _results(workdir):
 
 
 def test_two_workers_give_the_results_of_one(hub_specs, folder, tmp_path, monkeypatch):
+  # A standalone method (registered here, at runtime): its units are jobs of their own.
+  monkeypatch.setitem(methods.METHODS, "alone", methods.Method(
+      "alone", nearest_centroid.fit_predict, nearest_centroid.default_config,
+      standalone=True))
+  names = ("linear_probe", "nearest_centroid", "alone")
   monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home1"))
   one = str(tmp_path / "one")
-  main.run(_config(hub_specs, folder), one)
+  main.run(_config(hub_specs, folder, methods=names), one)
   # Another home: nothing cached. The workers compute every unit and ranking,
   # this process none.
   monkeypatch.setenv("FUSION_HOME", str(tmp_path / "home2"))
@@ -65,7 +72,7 @@ def test_two_workers_give_the_results_of_one(hub_specs, folder, tmp_path, monkey
                       lambda self, key, *a: saved.append(key) or save(self, key, *a))
   monkeypatch.setattr(select_job, "rank_task", lambda *a: ranked.append(a) or rank(*a))
   two = str(tmp_path / "two")
-  main.run(_config(hub_specs, folder, workers=2), two)
+  main.run(_config(hub_specs, folder, workers=2, methods=names), two)
   assert saved == [] and ranked == []
   assert report.comparable(_results(two)) == report.comparable(_results(one))
   with open(os.path.join(two, "rows.jsonl")) as f:  # In plan order, as in one process.
@@ -77,6 +84,22 @@ def test_two_workers_give_the_results_of_one(hub_specs, folder, tmp_path, monkey
     lines = [json.loads(line) for line in f]
   assert {line["run"].split("/")[1] for line in lines} == {"digits", "swatches"}
   assert {line["run_id"] for line in lines} == {run_id}
+
+
+def test_a_standalone_methods_units_are_a_job_of_their_own(monkeypatch):
+  monkeypatch.setitem(methods.METHODS, "alone", methods.Method(
+      "alone", nearest_centroid.fit_predict, nearest_centroid.default_config,
+      standalone=True))
+  config = ml_collections.ConfigDict({"method_tasks": {"nearest_centroid": ("digits",)}})
+  digits, other = (types.SimpleNamespace(name=n) for n in ("digits", "other"))
+  names = ("linear_probe", "alone", "nearest_centroid")
+  jobs = suite.task_jobs(config, names, digits)
+  assert [(j.names, j.ranks, j.label) for j in jobs] == [
+      (("linear_probe", "nearest_centroid"), True, "task 'digits'"),
+      (("alone",), False, "task 'digits', method 'alone'")]
+  assert [j.names for j in suite.task_jobs(config, names, other)] == [
+      ("linear_probe",), ("alone",)]  # nearest_centroid runs on digits only.
+  assert all(not j.standalone for j in suite.task_jobs(config, ("linear_probe",), digits))
 
 
 def _fail(ctx, task, members, config, seed):

@@ -47,6 +47,9 @@ class Method:
   # check_hub(config, backbones): errors for a config that cannot run on this hub
   # (K larger than the hub, members not in it), raised before any unit runs.
   check_hub: Callable[..., None] | None = None
+  # Its units use no work that other methods cache too (features, fine-tunes):
+  # the suite's workers may run them as jobs of their own (`suite.warm_caches`).
+  standalone: bool = False
 
   def __post_init__(self):
     if self.members not in MEMBER_MODES:
@@ -57,11 +60,11 @@ class Method:
 
   @classmethod
   def of(cls, name: str, module: ModuleType, fit_predict=None,
-         config_key: str = "", check_hub=None) -> "Method":
+         config_key: str = "", check_hub=None, standalone: bool = False) -> "Method":
     return cls(name, fit_predict or module.fit_predict, module.default_config,
                module.MEMBERS, getattr(module, "VERSION", 1), config_key,
                tuple(getattr(module, "USES", ())),
-               check_hub or getattr(module, "check_hub", None))
+               check_hub or getattr(module, "check_hub", None), standalone)
 
 
 METHODS: dict[str, Method] = {
@@ -77,9 +80,10 @@ METHODS: dict[str, Method] = {
     "greedy_all": Method.of("greedy_all", ensemble, ensemble.fit_greedy_all, "ensemble"),
     "uniform_soup": Method.of("uniform_soup", soup, soup.fit_uniform, "ensemble"),
     "greedy_soup": Method.of("greedy_soup", soup, config_key="ensemble"),
-    "pathway": Method.of("pathway", pathway),
+    # Fine-tuned on the task's images alone: standalone.
+    "pathway": Method.of("pathway", pathway, standalone=True),
     "pathway_k1": Method.of("pathway_k1", pathway, pathway.fit_k1, "pathway",
-                            pathway.check_hub_k1),
+                            pathway.check_hub_k1, standalone=True),
     "pathway_frozen": Method.of("pathway_frozen", pathway, pathway.fit_frozen, "pathway"),
     "best_probe": Method("best_probe", hub_baselines.best_probe, hub_baselines.probes_config,
                          "hub"),
