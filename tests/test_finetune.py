@@ -16,6 +16,7 @@ from fusion import predictions
 from fusion import sharding
 from fusion import train
 from fusion.methods import finetune
+from fusion.methods import linear_probe
 
 import tiny_models
 
@@ -92,6 +93,25 @@ def test_training_changes_what_it_should_and_nothing_else(ctx, task, mode, expec
   # Batch statistics follow the training-mode forward passes, whatever trains.
   stats = _changed(backbone.params["batch_stats"], params["backbone"]["batch_stats"])
   assert stats
+
+
+def test_a_padded_head_trains_as_the_task_sized_one(ctx, task):
+  """The head trains padded to 16 classes (the padding masked out): the same
+  predictions as a head of the task's 10, and the saved head is the task's size."""
+  backbone = ctx.backbone("resnet")
+  run = finetune.Run(0.03, 8, "train800")
+  results = {}
+  for multiple in (1, 16):
+    results[multiple] = finetune.train_run(
+        ctx, backbone, task, run, _config(class_multiple=multiple), seed=0,
+        cache=predictions.Cache(), key=f"pad-{multiple}")
+  assert linear_probe.head_width(task.num_classes, 16) == 16 != task.num_classes
+  np.testing.assert_allclose(results[16].predictions.logits["val200"],
+                             results[1].predictions.logits["val200"], rtol=1e-4, atol=1e-4)
+  params = finetune.load_params(predictions.Cache(), "pad-16",
+                                results[16].fields["params_sha256"])
+  assert params["head"]["kernel"].shape == (backbone.feature_dim, task.num_classes)
+  assert set(params) == {"backbone", "head"}
 
 
 def test_runs_predict_the_splits_they_are_used_for(ctx, task):

@@ -54,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
       "learning_rates": (0.003, 0.01, 0.03),
       "steps": (500,),  # The grid's step counts.
       "batch_size": 64,
+      # The head trains padded to a multiple of this many classes, the padding
+      # masked out (`linear_probe.PAD_LOGIT`), so that tasks of up to 16 classes
+      # share one compiled step per architecture; saved heads are not padded.
+      "class_multiple": 16,
       "warmup_fraction": 0.1,  # Of each run's steps.
       "optimizer": {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine",
                     "weight_decay": 0.0, "grad_clip_norm": 1.0},
@@ -71,6 +75,7 @@ def check_config(config) -> None:
     raise ValueError(f"finetune's sweep grid is empty (learning_rates="
                      f"{tuple(config.learning_rates)}, steps={tuple(config.steps)}); give "
                      "at least one of each.")
+  linear_probe.head_width(2, config.get("class_multiple", 1))
   if min(config.steps) < 1 or min(config.learning_rates) <= 0:
     raise ValueError("finetune.steps must be >= 1 and learning_rates > 0; got "
                      f"{tuple(config.steps)}, {tuple(config.learning_rates)}.")
@@ -133,15 +138,18 @@ def _loss_fn(backbone: hub.Backbone):
   """Cross-entropy of the linear head on the backbone's training-mode features.
 
   One function per computation twin (hub.computation_twin), so the trainer
-  compiles one step per architecture and head shape, shared by every run of
-  the sweep and every checkpoint of that architecture.
+  compiles one step per architecture and head width, shared by every run of
+  the sweep and every checkpoint of that architecture, and by the tasks whose
+  class counts pad to one width. `params["class_mask"]`, when there, masks a
+  padded head's padding out.
   """
   def loss_fn(params, batch, rng):
     feats, new_backbone = backbone.features_train(params["backbone"], batch["image"], rng)
-    logits = linear_probe.head_logits(params["head"], feats)
+    logits = linear_probe.masked_logits(linear_probe.head_logits(params["head"], feats),
+                                        params.get("class_mask"))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return loss, ({"accuracy": accuracy}, {"backbone": new_backbone, "head": params["head"]})
+    return loss, ({"accuracy": accuracy}, {**params, "backbone": new_backbone})
   return loss_fn
 
 
@@ -217,6 +225,8 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
 
   `init_params` ({"backbone", "head"}) replace the pre-trained backbone and
   the zero head as the starting point (the shift method starts from them).
+  The head trains padded to `class_multiple` (`_loss_fn`); the Result's and the
+  saved weights' head is the task's own.
   """
   images, labels = ctx.images(task, run.split, backbone.preprocess)
   batch_fn = _batch_fn(images, labels, config.batch_size, seed)
@@ -225,9 +235,13 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
                    "head": {"kernel": np.zeros((backbone.feature_dim, task.num_classes),
                                                np.float32),
                             "bias": np.zeros((task.num_classes,), np.float32)}}
+  width = linear_probe.head_width(task.num_classes, config.get("class_multiple", 1))
+  init_params = {"backbone": init_params["backbone"],
+                 "head": linear_probe.pad_head(init_params["head"], width),
+                 "class_mask": linear_probe.class_mask(task.num_classes, width)}
   mask = {"backbone": trainable_mask(init_params["backbone"], config.trainable,
                                      int(config.last_n)),
-          "head": True}
+          "head": True, "class_mask": False}
   opt = config.optimizer.to_dict()
   opt.update(learning_rate=run.learning_rate, total_steps=run.steps,
              warmup_steps=int(round(config.warmup_fraction * run.steps)))
@@ -239,10 +253,13 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
       loss_fn=_loss_fn(hub.computation_twin(backbone)), params=init_params,
       batch_fn=batch_fn, config=opt,
       mesh=ctx.mesh, num_steps=run.steps, workdir=ctx.workdir, seed=seed, trainable=mask,
-      lr_multiplier={"backbone": float(config.backbone_lr_multiplier), "head": 1.0},
+      lr_multiplier={"backbone": float(config.backbone_lr_multiplier), "head": 1.0,
+                     "class_mask": 1.0},
       run_name=name, checkpoint=checkpoint_dir is not None, checkpoint_dir=checkpoint_dir,
       checkpoint_every=int(config.checkpoint_every), max_to_keep=1, progress=False)
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
+  params = {"backbone": params["backbone"],
+            "head": linear_probe.unpad_head(params["head"], task.num_classes)}
   result = run_result(ctx, backbone, task, run, params, config, cache, key)
   if checkpoint_dir:  # The run is cached now: its checkpoints are not needed.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

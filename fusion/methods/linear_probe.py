@@ -8,6 +8,7 @@ statistics of the split the head trains on.
 """
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,44 @@ class Standardizer:
 
 def head_logits(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
   return x @ params["kernel"] + params["bias"]
+
+
+# Padded heads. A head trained in a jitted step is padded to a multiple of some
+# classes, so that tasks with different class counts share one compiled step
+# (on a CPU, tens of seconds of tracing and XLA compiling per model and task);
+# a `class_mask` (1 for the task's classes, 0 for the padding) that never trains
+# pushes the padding's logits to PAD_LOGIT: probability exactly 0 in float32, so
+# the loss, the gradients and the real classes' logits are those of the unpadded
+# head, and the padding gets no gradient.
+PAD_LOGIT = -1e9
+
+
+def head_width(num_classes: int, multiple) -> int:
+  """num_classes rounded up to a multiple of `multiple` (an integer >= 1; 1: no padding)."""
+  if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+    raise ValueError(f"class_multiple={multiple!r} must be an integer >= 1 (1: no padding).")
+  return -(-num_classes // multiple) * multiple
+
+
+def class_mask(num_classes: int, width: int) -> np.ndarray:
+  return (np.arange(width) < num_classes).astype(np.float32)
+
+
+def masked_logits(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Logits with the padded classes (mask 0) at PAD_LOGIT; mask None: no padding."""
+  return logits if mask is None else logits + (1.0 - mask) * PAD_LOGIT
+
+
+def pad_head(head: Mapping[str, Any], width: int) -> dict[str, np.ndarray]:
+  """A [D, C] head as [D, width], zeros in the padding."""
+  kernel, bias = np.asarray(head["kernel"]), np.asarray(head["bias"])
+  extra = width - bias.shape[-1]
+  return {"kernel": np.pad(kernel, ((0, 0), (0, extra))), "bias": np.pad(bias, (0, extra))}
+
+
+def unpad_head(head: Mapping[str, Any], num_classes: int) -> dict[str, np.ndarray]:
+  return {"kernel": np.asarray(head["kernel"])[:, :num_classes],
+          "bias": np.asarray(head["bias"])[:num_classes]}
 
 
 def _loss_fn(params, batch, rng):

@@ -78,9 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
       "frozen_steps": 500,  # pathway_frozen: cheap steps on cached features.
       "batch_size": 64,
       # The heads are padded to a multiple of this many classes, the padding
-      # masked out (it gets no probability and no gradient), so that the tasks of
-      # up to 16 classes share one compiled step per k: on a CPU, tracing and
-      # compiling a fine-tuned pathway's step takes about 20 s. 1: no padding.
+      # masked out (`linear_probe.PAD_LOGIT`), so that the tasks of up to 16
+      # classes share one compiled step per k: on a CPU, tracing and compiling a
+      # fine-tuned pathway's step takes about 20 s. 1: no padding.
       "class_multiple": 16,
       "warmup_fraction": 0.1,
       "optimizer": {"optimizer": "sgd", "momentum": 0.9, "schedule": "cosine",
@@ -135,11 +135,10 @@ def check_config(config, num_models: int, k: int) -> None:
 
 def head_width(config, num_classes: int) -> int:
   """The heads' number of outputs: num_classes rounded up to `class_multiple`."""
-  multiple = config.get("class_multiple", 1)
-  if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-    raise ValueError(f"pathway.class_multiple={multiple!r} must be an integer >= 1 "
-                     "(1: no padding).")
-  return -(-num_classes // multiple) * multiple
+  try:
+    return linear_probe.head_width(num_classes, config.get("class_multiple", 1))
+  except ValueError as e:
+    raise ValueError(f"pathway.{e}") from None
 
 
 NOISES = ("learned", "fixed")
@@ -182,14 +181,6 @@ def _eval_slots(config, k: int, num_models: int) -> int:
 # ------------------------------------------------------------------ the network
 
 
-PAD_LOGIT = -1e9  # A padded class's logit: probability exactly 0 in float32.
-
-
-def masked_logits(logits: jax.Array, class_mask: jax.Array | None) -> jax.Array:
-  """Logits with the padded classes (class_mask 0) pushed to PAD_LOGIT."""
-  return logits if class_mask is None else logits + (1.0 - class_mask) * PAD_LOGIT
-
-
 @functools.lru_cache(maxsize=32)
 def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_classes: int,
              weights: tuple[float, float, float, float], normalisation: str = "all",
@@ -220,9 +211,8 @@ def _network(encoders: tuple, generator: nn.Module, k: int, slots: int, num_clas
     shared = len(batch["inputs"]) == 1  # Fine-tuning: one image batch for every model.
     for m, encode in enumerate(encoders):
       x = jnp.einsum("bc,b...->c...", dispatch[:, m], batch["inputs"][0 if shared else m])
-      logits = masked_logits(linear_probe.head_logits(params["heads"][m],
-                                                      encode(params["encoders"][m], x)),
-                             class_mask)
+      logits = linear_probe.head_logits(params["heads"][m], encode(params["encoders"][m], x))
+      logits = linear_probe.masked_logits(logits, class_mask)
       probs = probs + jnp.einsum("bc,ck->bk", combine[:, m], jax.nn.softmax(logits))
       slot_labels = jnp.einsum("bc,bk->ck", dispatch[:, m], labels)
       slot_filled = dispatch[:, m].sum(0)
@@ -358,7 +348,7 @@ def _init(generator, gate_example, encoders_params, dims, num_classes, seed,
           "heads": [{"kernel": np.zeros((d, width), np.float32),
                      "bias": np.zeros((width,), np.float32)} for d in dims],
           "encoders": encoders_params,
-          "class_mask": (np.arange(width) < num_classes).astype(np.float32)}
+          "class_mask": linear_probe.class_mask(num_classes, width)}
 
 
 def trainable(encoder_trainable: list) -> dict:
@@ -469,8 +459,10 @@ def _router(generator: nn.Module, num_models: int, k: int, normalisation: str):
 def _expert(encode):
   """(encoder params, head, class mask, inputs) -> the head's probabilities on one
   model's features."""
-  return jax.jit(lambda params, head, class_mask, x: jax.nn.softmax(
-      masked_logits(linear_probe.head_logits(head, encode(params, x)), class_mask)))
+  def expert(params, head, class_mask, x):
+    logits = linear_probe.head_logits(head, encode(params, x))
+    return jax.nn.softmax(linear_probe.masked_logits(logits, class_mask))
+  return jax.jit(expert)
 
 
 def _in_batches(fn, x: np.ndarray, batch_size: int):
