@@ -256,7 +256,11 @@ def _shift(kind: str):
                        f"{sorted(c.gflops)}.")
     gflops = sum(c.gflops[m] for m in ens)
     if kind == "independent":
-      return [w for m in ens for w in c.finetune(m)], gflops, False
+      if config.get("independent_setting", "sweep") == "sweep":
+        return [w for m in ens for w in c.finetune(m)], gflops, False
+      return c.finetune(ens[0]) + [  # The others at member 0's chosen setting.
+          c.finetune_run(m, "chosen", int(max(ft.steps)), split, c.seed, int(ft.batch_size))
+          for m in ens[1:] for split in ("train800", "train800val200")], gflops, False
     m = int(config.delta_from)
     work = [w for member in ens[:m] for w in c.finetune(member)]
     f = 0.0 if kind == "shift_only" else float(config.brief_fraction)

@@ -292,6 +292,51 @@ def test_delta_from_2_adds_the_mean_shift_of_two_full_fine_tunes(run):
   assert result.fields["compute_ratio_vs_independent"] == pytest.approx(2 / 3)
 
 
+def test_independent_members_train_at_member0s_setting_or_their_own(run, monkeypatch):
+  """With two learning rates and a choice that differs by member (member 0's sweep
+  picks 0.05, the others' would pick 0.1): "member0" trains members 1.. at 0.05,
+  with no sweep of their own; "sweep" lets each choose."""
+  ctx, task, _ = run
+  real_choose = finetune.choose
+  def choose(candidates):  # By member: the first learning rate for r0, else the last.
+    ordered = sorted(candidates, key=lambda c: c[0].learning_rate)
+    return ordered[0] if candidates[0][1].members == ("r0",) else ordered[-1]
+  monkeypatch.setattr(finetune, "choose", choose)
+  ft = ml_collections.ConfigDict(ctx.config.finetune.to_dict())
+  ft.learning_rates = (0.05, 0.1)
+  monkeypatch.setattr(ctx, "config", ml_collections.ConfigDict(
+      {**ctx.config.to_dict(), "finetune": ft.to_dict()}))
+  results = {}
+  for setting in ("member0", "sweep"):
+    config = ml_collections.ConfigDict(ctx.config.shift.to_dict())
+    config.independent_setting = setting
+    _, results[setting] = methods.run_unit(ctx, "independent", task, ctx.backbones,
+                                           config=config)
+  monkeypatch.setattr(finetune, "choose", real_choose)
+  units = {n: methods.run_unit(ctx, "finetune", task, [ctx.backbone(n)])[1]
+           for n in ("r0", "r1", "r2")}
+  assert [u.fields["learning_rate"] for u in units.values()] == [0.05, 0.1, 0.1]
+  one, own = results["member0"], results["sweep"]
+  assert one.fields["independent_setting"] == "member0"
+  # member0: r0's unit (sweep of 2 + retrain), then r1 and r2 at 0.05 (2 runs each).
+  assert one.train_steps == 3 * STEPS + 2 * 2 * STEPS
+  assert own.train_steps == 3 * 3 * STEPS
+  for name in ("r1", "r2"):
+    unit = units[name]
+    at_member0 = finetune.with_setting(ctx, ctx.backbone(name), task, ft, 0, 0.05, STEPS)
+    np.testing.assert_allclose(one.fields["member_test_accuracy"][name],
+                               metrics.accuracy(at_member0.predictions.logits["test"],
+                                                at_member0.predictions.labels["test"]))
+    np.testing.assert_allclose(own.fields["member_test_accuracy"][name],
+                               metrics.accuracy(unit.predictions.logits["test"],
+                                                unit.predictions.labels["test"]))
+  # shift's compute ratio divides by these steps, estimated from member 0's unit.
+  for setting, result in (("member0", one), ("sweep", own)):
+    config = ml_collections.ConfigDict({**ctx.config.shift.to_dict(),
+                                        "independent_setting": setting})
+    assert shift.independent_steps(config, [units["r0"]], 3) == result.train_steps
+
+
 def test_adding_a_member_is_one_shift_and_brief_fine_tune_only(run, monkeypatch):
   ctx, task, rows = run
   before = rows["shift"]["member_runs"]

@@ -43,18 +43,22 @@ uniform average of the members' probabilities.
 
 Methods (one row each), all sharing `config.shift`:
   shift        the method above
-  independent  every member fully fine-tuned on its own (M fine-tune units)
+  independent  every member fully fine-tuned on its own: member 0 through
+               finetune's sweep, the others at the setting it chose (its
+               learning rate and steps; `independent_setting: member0`, one
+               sweep per ensemble, as a recipe is tuned once) or each through
+               a sweep of its own (`sweep`: M finetune units)
   brief_only   the brief fine-tune from theta_pretrained,j (no shift)
   shift_only   the shift without the brief fine-tune (f = 0)
 Fields: `disagreement` (mean pairwise top-1 disagreement of the members' test
 predictions), `disagreement_normalised` (divided by the ensemble's test error;
 None when that is 0), `pairwise_kl` (mean KL over ordered member pairs on
 test, i.e. the symmetrised KL; nats), `member_test_accuracy`, `brief_steps`,
-`compute_ratio_vs_independent` (the method's optimizer steps over M full
-fine-tunes, estimated as M x the mean full fine-tune cost of the first m
-members: every member runs the same sweep grid) and `add_member_cost_ratio`
-(the steps one more member costs, both sides' brief runs, over member 0's
-full fine-tune including its sweep). `train_seconds` is the sum of the
+`compute_ratio_vs_independent` (the method's optimizer steps over
+`independent`'s, estimated from the first m members' full fine-tunes:
+`independent_steps`) and `add_member_cost_ratio` (the steps one more member
+costs, both sides' brief runs, or for `independent` its full fine-tune, over
+member 0's full fine-tune including its sweep). `train_seconds` is the sum of the
 seconds its parts recorded when they were computed.
 """
 import dataclasses
@@ -81,6 +85,7 @@ USES = ("finetune",)
 VERSION = 1
 HEADS = ("copy", "fresh")
 BATCH_STATS = ("own", "member0", "reestimate")
+INDEPENDENT_SETTINGS = ("member0", "sweep")
 ENCODER = "params"  # The backbone's collection that the shift moves.
 # Prediction split -> (training split, finetune's field of the run that trained on it).
 SIDES = (("val200", "train800", "val_run"), ("test", "train800val200", "final_run"))
@@ -96,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
       "brief_lr_multiplier": 1.0,  # x member 0's chosen learning rate.
       "head": "copy",  # "copy" (member 0's fine-tuned head) | "fresh" (zeros).
       "batch_stats": "own",  # "own" | "member0" | "reestimate".
+      # independent: "member0": members 1.. fine-tune fully at the setting member
+      # 0's sweep chose (one sweep for the ensemble, as one tunes a recipe once);
+      # "sweep": each member runs finetune's sweep of its own.
+      "independent_setting": "member0",
   })
 
 
@@ -119,6 +128,10 @@ def check_config(config) -> None:
     raise ValueError(f"shift.head={config.head!r} is not one of {HEADS}.")
   if config.batch_stats not in BATCH_STATS:
     raise ValueError(f"shift.batch_stats={config.batch_stats!r} is not one of {BATCH_STATS}.")
+  setting = config.get("independent_setting", "sweep")
+  if setting not in INDEPENDENT_SETTINGS:
+    raise ValueError(f"shift.independent_setting={setting!r} is not one of "
+                     f"{INDEPENDENT_SETTINGS}.")
   m = config.delta_from
   if not isinstance(m, int) or not 1 <= m < len(members):
     raise ValueError(f"shift.delta_from={m!r} must be an int in [1, M - 1] = [1, "
@@ -404,8 +417,6 @@ def transfer(ctx, task, members, config, seed, *, shifted: bool = True,
       sides[b.name][pred_split] = member_side(
           ctx, task, b, train_split, plan, delta, runs, runs[0], finetuned[0], ft_config, seed)
   results = [r for _, r in full] + [_combine(n, s) for n, s in sides.items()]
-  full_steps = [r.train_steps for _, r in full]
-  independent_steps = sum(full_steps) + (len(backbones) - m) * float(np.mean(full_steps))
   total = sum(r.train_steps for r in results)
   return _ensemble(results, {
       "delta_from": m, "brief_fraction": fraction, "brief_steps": plan.steps,
@@ -415,8 +426,20 @@ def transfer(ctx, task, members, config, seed, *, shifted: bool = True,
       "member0_steps": int(first.fields["steps"]), "delta_norm": norms,
       "member_runs": {n: {"val_run": s["val200"][0], "final_run": s["test"][0]}
                       for n, s in sides.items()},
-      "compute_ratio_vs_independent": total / independent_steps,
+      "compute_ratio_vs_independent": total / independent_steps(
+          config, [r for _, r in full], len(backbones)),
       "add_member_cost_ratio": 2 * plan.steps / first.train_steps})
+
+
+def independent_steps(config, full: Sequence[predictions.Result], num_members: int) -> float:
+  """The optimizer steps of `independent` on M = num_members members, from the
+  first m members' full fine-tunes (finetune units): "member0", member 0's
+  sweep and retrain plus M - 1 members' train800 run and retrain at its chosen
+  steps; "sweep", every member the same sweep grid (M x their mean)."""
+  steps = [r.train_steps for r in full]
+  if config.get("independent_setting", "sweep") == "sweep":
+    return float(np.mean(steps)) * num_members
+  return steps[0] + (num_members - 1) * 2 * int(full[0].fields["steps"])
 
 
 def fit_predict(ctx, task, members, config, seed) -> predictions.Result:
@@ -435,10 +458,22 @@ def fit_shift_only(ctx, task, members, config, seed) -> predictions.Result:
 
 
 def fit_independent(ctx, task, members, config, seed) -> predictions.Result:
-  """independent: every member fully fine-tuned on its own, uniformly averaged."""
-  del seed  # The fine-tune units use the job's seed.
+  """independent: every member fully fine-tuned on its own, uniformly averaged;
+  members 1.. at member 0's chosen setting, or each after its own sweep
+  (`independent_setting`)."""
+  del seed  # The fine-tunes use the job's seed, as the finetune units do.
   backbones = resolve_members(members, config)
-  _finetune_config(ctx)
-  results = [r for _, r in _full(ctx, task, backbones)]
-  return _ensemble(results, {"compute_ratio_vs_independent": 1.0,
-                             "add_member_cost_ratio": 1.0})
+  ft_config = _finetune_config(ctx)
+  setting = config.get("independent_setting", "sweep")
+  if setting == "sweep":
+    results = [r for _, r in _full(ctx, task, backbones)]
+  else:
+    (_, first), = _full(ctx, task, backbones[:1])
+    results = [first] + [finetune.with_setting(ctx, b, task, ft_config, ctx.seed,
+                                               first.fields["learning_rate"],
+                                               first.fields["steps"])
+                         for b in backbones[1:]]
+  add = results[-1].train_steps / results[0].train_steps
+  return _ensemble(results, {"independent_setting": setting,
+                             "compute_ratio_vs_independent": 1.0,
+                             "add_member_cost_ratio": add})
