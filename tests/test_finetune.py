@@ -185,6 +185,7 @@ def test_a_diverging_run_is_marked_failed_and_the_others_go_on(ctx, task):
     (dict(learning_rates=()), "sweep grid is empty"),
     (dict(steps=()), "sweep grid is empty"),
     (dict(trainable="some"), "trainable='some' is not one of"),
+    (dict(class_multiple=0), r"finetune.class_multiple=0 must be an integer >= 1"),
 ])
 def test_bad_finetune_configs_are_named(overrides, message):
   with pytest.raises(ValueError, match=message):

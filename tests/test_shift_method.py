@@ -398,6 +398,7 @@ def test_the_demo_runs_the_four_methods_on_the_fine_tuning_tasks():
     (dict(brief_fraction=1.5), r"brief_fraction=1.5 must lie in \[0, 1\]"),
     (dict(delta_from=3), r"delta_from=3 must be an int in \[1, M - 1\] = \[1, 2\]"),
     (dict(head="random"), "head='random' is not one of"),
+    (dict(independent_setting="best"), "independent_setting='best' is not one of"),
 ])
 def test_bad_member_lists_and_options_are_named(run, monkeypatch, overrides, message):
   ctx, task, _ = run

@@ -75,7 +75,10 @@ def check_config(config) -> None:
     raise ValueError(f"finetune's sweep grid is empty (learning_rates="
                      f"{tuple(config.learning_rates)}, steps={tuple(config.steps)}); give "
                      "at least one of each.")
-  linear_probe.head_width(2, config.get("class_multiple", 1))
+  try:
+    linear_probe.head_width(2, config.get("class_multiple", 1))
+  except ValueError as e:
+    raise ValueError(f"finetune.{e}") from None
   if min(config.steps) < 1 or min(config.learning_rates) <= 0:
     raise ValueError("finetune.steps must be >= 1 and learning_rates > 0; got "
                      f"{tuple(config.steps)}, {tuple(config.learning_rates)}.")
