@@ -384,9 +384,9 @@ def test_the_demo_runs_the_four_methods_on_the_fine_tuning_tasks():
   assert config.shift.members[0] == "resnet_glyphs"
   names = [m["name"] for m in config.offline_hub.models]
   assert set(config.shift.members) <= set(names)
-  # 10% of the demo's 120 fine-tuning steps.
-  assert config.finetune.steps == (120,)
-  assert shift.brief_steps(config.shift.brief_fraction, config.finetune.steps[0]) == 12
+  # 10% of the demo's 80 fine-tuning steps.
+  assert config.finetune.steps == (80,)
+  assert shift.brief_steps(config.shift.brief_fraction, config.finetune.steps[0]) == 8
 
 
 @pytest.mark.parametrize("overrides, message", [
