@@ -75,10 +75,7 @@ def check_config(config) -> None:
     raise ValueError(f"finetune's sweep grid is empty (learning_rates="
                      f"{tuple(config.learning_rates)}, steps={tuple(config.steps)}); give "
                      "at least one of each.")
-  try:
-    linear_probe.head_width(2, config.get("class_multiple", 1))
-  except ValueError as e:
-    raise ValueError(f"finetune.{e}") from None
+  _head_width(config, 2)
   if min(config.steps) < 1 or min(config.learning_rates) <= 0:
     raise ValueError("finetune.steps must be >= 1 and learning_rates > 0; got "
                      f"{tuple(config.steps)}, {tuple(config.learning_rates)}.")
@@ -134,6 +131,11 @@ def trainable_mask(variables: Mapping[str, Any], mode: str, last_n: int = 1) -> 
     return bool(top) and top[0] in AFTER_BLOCKS
 
   return traverse_util.unflatten_dict({p: trains(p) for p in flat})
+
+
+def _head_width(config, num_classes: int) -> int:
+  return linear_probe.head_width(num_classes, config.get("class_multiple", 1),
+                                 "finetune.class_multiple")
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,7 +240,7 @@ def train_run(ctx, backbone: hub.Backbone, task, run: Run, config, seed: int,
                    "head": {"kernel": np.zeros((backbone.feature_dim, task.num_classes),
                                                np.float32),
                             "bias": np.zeros((task.num_classes,), np.float32)}}
-  width = linear_probe.head_width(task.num_classes, config.get("class_multiple", 1))
+  width = _head_width(config, task.num_classes)
   init_params = {"backbone": init_params["backbone"],
                  "head": linear_probe.pad_head(init_params["head"], width),
                  "class_mask": linear_probe.class_mask(task.num_classes, width)}

@@ -64,10 +64,11 @@ def head_logits(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
 PAD_LOGIT = -1e9
 
 
-def head_width(num_classes: int, multiple) -> int:
-  """num_classes rounded up to a multiple of `multiple` (an integer >= 1; 1: no padding)."""
+def head_width(num_classes: int, multiple, key: str = "class_multiple") -> int:
+  """num_classes rounded up to a multiple of `multiple` (an integer >= 1; 1: no
+  padding); `key` names the config key in the error."""
   if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-    raise ValueError(f"class_multiple={multiple!r} must be an integer >= 1 (1: no padding).")
+    raise ValueError(f"{key}={multiple!r} must be an integer >= 1 (1: no padding).")
   return -(-num_classes // multiple) * multiple
 
 

@@ -135,10 +135,8 @@ def check_config(config, num_models: int, k: int) -> None:
 
 def head_width(config, num_classes: int) -> int:
   """The heads' number of outputs: num_classes rounded up to `class_multiple`."""
-  try:
-    return linear_probe.head_width(num_classes, config.get("class_multiple", 1))
-  except ValueError as e:
-    raise ValueError(f"pathway.{e}") from None
+  return linear_probe.head_width(num_classes, config.get("class_multiple", 1),
+                                 "pathway.class_multiple")
 
 
 NOISES = ("learned", "fixed")
