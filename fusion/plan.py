@@ -256,7 +256,7 @@ def _shift(kind: str):
                        f"{sorted(c.gflops)}.")
     gflops = sum(c.gflops[m] for m in ens)
     if kind == "independent":
-      if config.get("independent_setting", "sweep") == "sweep":
+      if shift.independent_setting(config) == "sweep":
         return [w for m in ens for w in c.finetune(m)], gflops, False
       return c.finetune(ens[0]) + [  # The others at member 0's chosen setting.
           c.finetune_run(m, "chosen", int(max(ft.steps)), split, c.seed, int(ft.batch_size))

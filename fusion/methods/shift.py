@@ -128,15 +128,21 @@ def check_config(config) -> None:
     raise ValueError(f"shift.head={config.head!r} is not one of {HEADS}.")
   if config.batch_stats not in BATCH_STATS:
     raise ValueError(f"shift.batch_stats={config.batch_stats!r} is not one of {BATCH_STATS}.")
-  setting = config.get("independent_setting", "sweep")
-  if setting not in INDEPENDENT_SETTINGS:
-    raise ValueError(f"shift.independent_setting={setting!r} is not one of "
-                     f"{INDEPENDENT_SETTINGS}.")
+  independent_setting(config)
   m = config.delta_from
   if not isinstance(m, int) or not 1 <= m < len(members):
     raise ValueError(f"shift.delta_from={m!r} must be an int in [1, M - 1] = [1, "
                      f"{len(members) - 1}] (M = {len(members)} members; at least one is "
                      "shifted).")
+
+
+def independent_setting(config) -> str:
+  """`config.independent_setting` ("sweep" in a config without it), checked."""
+  setting = config.get("independent_setting", "sweep")
+  if setting not in INDEPENDENT_SETTINGS:
+    raise ValueError(f"shift.independent_setting={setting!r} is not one of "
+                     f"{INDEPENDENT_SETTINGS}.")
+  return setting
 
 
 def brief_steps(fraction: float, steps: int) -> int:
@@ -437,7 +443,7 @@ def independent_steps(config, full: Sequence[predictions.Result], num_members: i
   sweep and retrain plus M - 1 members' train800 run and retrain at its chosen
   steps; "sweep", every member the same sweep grid (M x their mean)."""
   steps = [r.train_steps for r in full]
-  if config.get("independent_setting", "sweep") == "sweep":
+  if independent_setting(config) == "sweep":
     return float(np.mean(steps)) * num_members
   return steps[0] + (num_members - 1) * 2 * int(full[0].fields["steps"])
 
@@ -464,7 +470,7 @@ def fit_independent(ctx, task, members, config, seed) -> predictions.Result:
   del seed  # The fine-tunes use the job's seed, as the finetune units do.
   backbones = resolve_members(members, config)
   ft_config = _finetune_config(ctx)
-  setting = config.get("independent_setting", "sweep")
+  setting = independent_setting(config)
   if setting == "sweep":
     results = [r for _, r in _full(ctx, task, backbones)]
   else:
