@@ -11,6 +11,7 @@ With `config.workers` > 1, the tasks' units (and rankings) are first computed
 in that many processes, about a task per job (`warm_caches`); the sequential
 pass then finds every one cached and writes the same outputs as with one process.
 """
+import collections
 import copy
 import dataclasses
 import json
@@ -124,8 +125,12 @@ class Job:
   """A worker's piece of the suite: some methods' units on one task (and its ranking)."""
   task: Any
   names: tuple[str, ...]
-  ranks: bool  # The task's ranking too.
   standalone: bool  # One standalone method's units (`methods.Method.standalone`).
+
+  @property
+  def ranks(self) -> bool:
+    """The task's ranking goes with its job of non-standalone methods."""
+    return not self.standalone
 
   @property
   def label(self) -> str:
@@ -140,8 +145,7 @@ def task_jobs(config, names: Sequence[str], task) -> list[Job]:
   names = [n for n in names if runs_on(config, n, task)]
   alone = [n for n in names if methods.get(n).standalone]
   rest = tuple(n for n in names if n not in alone)
-  jobs = [Job(task, rest, True, False)]
-  return jobs + [Job(task, (n,), False, True) for n in alone]
+  return [Job(task, rest, False)] + [Job(task, (n,), True) for n in alone]
 
 
 def _needs_work(ctx, job: Job, done: dict) -> bool:
@@ -218,9 +222,9 @@ def warm_caches(ctx: experiment.Context, names: Sequence[str], task_list,
     return
   todo.sort(key=lambda job: (job.standalone,  # Stable.
                              -_narrowed_units(ctx.config, job, ctx.backbones)))
-  tasks = [job.task.name for job in todo]
+  jobs_of_task = collections.Counter(job.task.name for job in todo)
   for task in {job.task.name: job.task for job in todo}.values():
-    if tasks.count(task.name) > 1:  # Two processes must not generate its data at once.
+    if jobs_of_task[task.name] > 1:  # Two processes must not generate its data at once.
       from fusion.data import pipeline
       pipeline.prepare(task)
   config = copy.deepcopy(ctx.config)
