@@ -933,7 +933,8 @@ def _flops(cost: Any) -> float:
 def inference_gflops(backbone: Backbone, seq_len: int = 128) -> float:
   """GFLOPs of `features` for one image (or one `seq_len`-token text), from XLA."""
   # Per computation twin: every checkpoint of an architecture costs the same.
-  cache = _GFLOPS.setdefault(computation_twin(backbone), {})
+  twin = computation_twin(backbone)
+  cache = _GFLOPS.setdefault(twin, {})
   key = seq_len if backbone.kind == TEXT else backbone.preprocess.resolution
   if key not in cache:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), backbone.params)
@@ -942,6 +943,6 @@ def inference_gflops(backbone: Backbone, seq_len: int = 128) -> float:
     else:
       r = backbone.preprocess.resolution
       args = (jax.ShapeDtypeStruct((1, r, r, 3), jnp.float32),)
-    compiled = jax.jit(computation_twin(backbone).features).lower(abstract, *args).compile()
+    compiled = jax.jit(twin.features).lower(abstract, *args).compile()
     cache[key] = _flops(compiled.cost_analysis()) / 1e9
   return cache[key]
