@@ -32,6 +32,22 @@ def test_demo_is_the_offline_default():
     demo.get_config("tasks=digits+cifar")
 
 
+def test_demo_fine_tunes_on_its_subset_of_tasks_and_full_on_all():
+  config = demo.get_config()
+  for method in demo.FEATURE_METHODS:  # Not listed: every task.
+    assert method not in config.method_tasks
+  for method in demo.FINETUNE_METHODS:
+    expect = (demo.PATHWAY_TASKS if method in ("pathway", "pathway_k1")
+              else demo.FINETUNE_TASKS)
+    assert config.method_tasks[method] == expect, method
+  assert set(demo.PATHWAY_TASKS) < set(demo.FINETUNE_TASKS) < set(demo.TASKS)
+  # A task subset keeps each method's own tasks among the chosen ones.
+  config = demo.get_config("tasks=digits+scenes_count")
+  assert config.method_tasks["pathway"] == ("scenes_count",)
+  assert config.method_tasks["shift"] == ("digits", "scenes_count")
+  assert not demo.get_config("full").method_tasks  # Every method on every task.
+
+
 def test_vtab1k_probes_and_selects_the_19_tasks():
   config = vtab1k.get_config()
   assert main.job_module(config) is suite
