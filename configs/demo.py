@@ -36,6 +36,7 @@ FINETUNE_TASKS = ("digits", "house_numbers", "novel_textures", "shapes_orientati
 # run on two of the five, the specialized task and a structured one where
 # frozen features fail; `pathway_frozen` runs on all five.
 PATHWAY_TASKS = ("novel_textures", "scenes_count")
+PATHWAY_FINETUNED = ("pathway_k1", "pathway")
 # On cached features: cheap, on every task.
 FEATURE_METHODS = ("linear_probe", "nearest_centroid", "best_probe", "concat",
                    "uniform_probe_avg", "moe", "moe_no_label", "feature_gate")
@@ -59,10 +60,10 @@ def get_config(arg=None):
   config.tasks = arg.tasks
   config.methods = arg.methods + (("finetune", "greedy_all") if arg.full else ())
   # Tasks of a method, where not every task of config.tasks.
-  config.method_tasks = {} if arg.full else {
-      m: tuple(t for t in arg.tasks
-               if t in (PATHWAY_TASKS if m in ("pathway", "pathway_k1") else FINETUNE_TASKS))
-      for m in FINETUNE_METHODS}
+  def tasks_of(method):
+    subset = PATHWAY_TASKS if method in PATHWAY_FINETUNED else FINETUNE_TASKS
+    return tuple(t for t in arg.tasks if t in subset)
+  config.method_tasks = {} if arg.full else {m: tasks_of(m) for m in FINETUNE_METHODS}
   config.offline_hub = offline_hub.default_config()
   config.batch_size = 256  # Feature extraction, global over the mesh.
   config.num_devices = 0  # 0: every local device.

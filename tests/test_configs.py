@@ -37,10 +37,11 @@ def test_demo_fine_tunes_on_its_subset_of_tasks_and_full_on_all():
   for method in demo.FEATURE_METHODS:  # Not listed: every task.
     assert method not in config.method_tasks
   for method in demo.FINETUNE_METHODS:
-    expect = (demo.PATHWAY_TASKS if method in ("pathway", "pathway_k1")
+    expect = (demo.PATHWAY_TASKS if method in demo.PATHWAY_FINETUNED
               else demo.FINETUNE_TASKS)
     assert config.method_tasks[method] == expect, method
   assert set(demo.PATHWAY_TASKS) < set(demo.FINETUNE_TASKS) < set(demo.TASKS)
+  assert set(demo.PATHWAY_FINETUNED) == {"pathway", "pathway_k1"}
   # A task subset keeps each method's own tasks among the chosen ones.
   config = demo.get_config("tasks=digits+scenes_count")
   assert config.method_tasks["pathway"] == ("scenes_count",)
