@@ -455,7 +455,7 @@ def _router(generator: nn.Module, num_models: int, k: int, normalisation: str):
 
 @functools.lru_cache(maxsize=64)
 def _expert(encode):
-  """(encoder params, head, class mask, inputs) -> the head's probabilities on one
+  """(encoder params, head, class mask or None, inputs) -> the head's probabilities on one
   model's features."""
   def expert(params, head, class_mask, x):
     logits = linear_probe.head_logits(head, encode(params, x))
@@ -484,9 +484,7 @@ def predict_sparse(config, encoders: tuple, k: int, num_classes: int, params, in
   """
   num_models = len(encoders)
   classes = _classes(params)
-  class_mask = params.get("class_mask")
-  if class_mask is None:
-    class_mask = np.ones(np.shape(params["heads"][0]["bias"]), np.float32)
+  class_mask = params.get("class_mask")  # None: unpadded heads (`masked_logits`).
   route = _router(generator_of(config, num_models), num_models, k, config.gate_normalisation)
   gates, index = _in_batches(lambda g: route(params["generator"], g), gate_input, batch_size)
   gates = gates.astype(np.float64)
